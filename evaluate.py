@@ -1,0 +1,192 @@
+"""Evaluate frozen features: weighted kNN and a linear probe, with ACC, ROC AUC, weighted F1 and balanced accuracy.
+
+As a module, the method files call `evaluate(backbone, ds, mean, std)` at the end and `knn_eval` during training.
+As a script:
+    python evaluate.py --checkpoint runs/simclr-pneumonia-28-s0/checkpoint.pt   # a trained backbone
+    python evaluate.py --data pneumonia --init random                           # the untrained baseline
+Both print a table and write JSON (eval.json beside the checkpoint; results.json in the random run's folder).
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+
+# ------------------------------------------------------------------------------------------------ features
+@torch.no_grad()
+def extract_features(backbone, images, mean, std, batch_size=512):
+    """uint8 (N, C, H, W) -> float32 features (N, D), backbone in eval mode (BN uses its running stats)."""
+    was_training = backbone.training
+    backbone.eval()
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    feats = []
+    for i in range(0, len(images), batch_size):
+        x = (images[i:i + batch_size].float() / 255 - m) / s
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+            feats.append(backbone(x).float())
+    backbone.train(was_training)
+    return torch.cat(feats)
+
+
+# ------------------------------------------------------------------------------------------------ classifiers
+def knn_predict(train_f, train_y, test_f, n_classes, k=200, temperature=0.1, chunk=1024):
+    """Weighted cosine kNN (Wu et al. 2018): class score = sum over the k nearest of exp(cos / T). Returns probs."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    k = min(k, len(train_f))  # small datasets: never ask for more neighbours than there are
+    out = []
+    for i in range(0, len(test_f), chunk):
+        sim, idx = (test_f[i:i + chunk] @ train_f.T).topk(k, dim=1)  # (n, k)
+        w = (sim / temperature).exp()
+        scores = torch.zeros(len(sim), n_classes, device=sim.device).scatter_add_(1, train_y[idx], w)
+        out.append(scores / scores.sum(1, keepdim=True))
+    return torch.cat(out)
+
+
+def fit_logistic(x, y, n_classes, wd, max_iter=300):
+    """Multinomial logistic regression, mean CE + wd/2 ||W||^2, full-batch L-BFGS. Returns (W, b)."""
+    W = torch.zeros(x.shape[1], n_classes, device=x.device, requires_grad=True)
+    b = torch.zeros(n_classes, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ W + b, y) + 0.5 * wd * (W * W).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    return W.detach(), b.detach()
+
+
+def linear_probe(train_f, train_y, val_f, val_y, test_f, n_classes, wds=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)):
+    """Linear probe on standardized frozen features; L2 strength chosen by val AUC, reported on test."""
+    mu, sd = train_f.mean(0), train_f.std(0).clamp(min=1e-6)  # train statistics only: no test leakage
+    norm = lambda f: (f - mu) / sd
+    best = None
+    for wd in wds:
+        W, b = fit_logistic(norm(train_f), train_y, n_classes, wd)
+        score = metrics(val_y, (norm(val_f) @ W + b).softmax(1))["auc"]
+        if best is None or score > best[0]:
+            best = (score, wd, W, b)
+    _, wd, W, b = best
+    return (norm(test_f) @ W + b).softmax(1), wd
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def _ranks(x):
+    """Average ranks (1-based) with ties sharing the mean of their positions."""
+    uniq, inv, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    return (ends - (counts.double() - 1) / 2)[inv]
+
+
+def binary_auc(y, score):
+    """ROC AUC = P(score of a positive > score of a negative), ties count 1/2 (Mann-Whitney U). NaN if one class."""
+    y = y.bool()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = _ranks(score.double())
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def metrics(y, probs):
+    """y (N,) int64, probs (N, K) -> acc, auc (binary, or macro one-vs-rest), f1_weighted, balanced_acc."""
+    y, probs = y.cpu(), probs.float().cpu()
+    K = probs.shape[1]
+    pred = probs.argmax(1)
+    if K == 2:
+        auc = binary_auc(y == 1, probs[:, 1])
+    else:
+        aucs = [binary_auc(y == c, probs[:, c]) for c in range(K) if 0 < int((y == c).sum()) < len(y)]
+        auc = sum(aucs) / len(aucs) if aucs else float("nan")
+    f1, recalls = 0.0, []
+    for c in range(K):
+        tp = int(((pred == c) & (y == c)).sum())
+        fp = int(((pred == c) & (y != c)).sum())
+        fn = int(((pred != c) & (y == c)).sum())
+        support = tp + fn
+        if support:
+            f1 += support / len(y) * (2 * tp / (2 * tp + fp + fn))
+            recalls.append(tp / support)
+    return {"acc": float((pred == y).float().mean()), "auc": auc, "f1_weighted": f1,
+            "balanced_acc": sum(recalls) / len(recalls)}
+
+
+# ------------------------------------------------------------------------------------------------ protocols
+def knn_eval(backbone, ds, mean, std, split="val"):
+    """Online monitor during training: kNN on `split` with the train split as the memory bank."""
+    (xtr, ytr), (xte, yte) = ds["train"], ds[split]
+    probs = knn_predict(extract_features(backbone, xtr, mean, std), ytr,
+                        extract_features(backbone, xte, mean, std), ds["n_classes"])
+    return metrics(yte, probs)
+
+
+def evaluate(backbone, ds, mean, std):
+    """Both frozen-feature protocols on the test split: {'knn': {...}, 'linear': {... , 'wd': chosen L2}}."""
+    f = {s: extract_features(backbone, ds[s][0], mean, std) for s in common.SPLITS}
+    y = {s: ds[s][1] for s in common.SPLITS}
+    K = ds["n_classes"]
+    out = {"knn": metrics(y["test"], knn_predict(f["train"], y["train"], f["test"], K))}
+    probs, wd = linear_probe(f["train"], y["train"], f["val"], y["val"], f["test"], K)
+    out["linear"] = {**metrics(y["test"], probs), "wd": wd}
+    return out
+
+
+def print_table(rows):
+    """rows: {name: results dict} -> a fixed-width table of the test metrics."""
+    cols = ("acc", "auc", "f1_weighted", "balanced_acc")
+    print(f"{'model':28s} {'protocol':8s} " + " ".join(f"{c:>12s}" for c in cols))
+    for name, res in rows.items():
+        for proto in ("knn", "linear"):
+            print(f"{name:28s} {proto:8s} " + " ".join(f"{res[proto][c]:12.4f}" for c in cols))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", help="a method's checkpoint.pt (its args say data, size, arch)")
+    ap.add_argument("--data", default="pneumonia")
+    ap.add_argument("--size", type=int, default=28)
+    ap.add_argument("--data-dir", default="")
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--init", default="random", choices=["random"], help="backbone when no --checkpoint is given")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="", help="JSON path (default: beside the checkpoint, or runs/random-...)")
+    a = ap.parse_args(argv)
+    device = common.get_device()
+    if a.checkpoint:
+        ckpt = common.load_checkpoint(a.checkpoint)
+        for key in ("args", "model"):
+            if key not in ckpt:
+                raise ValueError(f"{a.checkpoint}: no {key!r} entry; expected a checkpoint written by a medssl method")
+        args = ckpt["args"]
+        data, size, arch, seed = args["data"], args["size"], args["arch"], args["seed"]
+        data_dir, method = args.get("data_dir") or a.data_dir, ckpt.get("method", "ssl")
+    else:
+        data, size, arch, seed, data_dir, method = a.data, a.size, a.arch, a.seed, a.data_dir, a.init
+    ds = common.load_dataset(data, size, data_dir or None, seed, device)
+    torch.manual_seed(seed)
+    backbone, _ = common.make_backbone(arch, ds["channels"], size)
+    if a.checkpoint:
+        prefix = "backbone."
+        backbone.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
+        out = a.out or os.path.join(os.path.dirname(a.checkpoint), "eval.json")
+    else:
+        out = a.out or os.path.join("runs", f"{a.init}-{ds['name']}-{size}-s{seed}", "results.json")
+    backbone.to(device)
+    mean, std = common.channel_stats(ds["train"][0])
+    res = {"method": method, "data": data, "size": size, "epochs": ckpt.get("epoch", 0) if a.checkpoint else 0,
+           **evaluate(backbone, ds, mean, std)}
+    print_table({f"{method} ({ds['name']}, {size}px)": res})
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    common.write_json(out, res)
+    print(f"wrote {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
