@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 
 import numpy as np
@@ -209,12 +210,16 @@ def _stratified_split(labels, frac, gen):
 
 
 def load_folder(root, size, data_dir, seed=0):
-    """Paper layouts PATH/{train,val,test}/CLASS/* or PATH/CLASS/*, resized to size x size, cached as npz."""
+    """Paper layouts PATH/{train,val,test}/CLASS/* or PATH/CLASS/*, resized to size x size -> (arrays, source).
+
+    The arrays are cached as <data_dir>/<folder>_<size>_s<seed>.npz so the second run starts at once; a read-only
+    data_dir (CI mounts the shared data so) only costs the cache, with a warning.
+    """
     from PIL import Image, UnidentifiedImageError
     root = os.path.normpath(root)
     cache = os.path.join(data_dir, f"{os.path.basename(root)}_{size}_s{seed}.npz")
     if os.path.exists(cache):
-        return cache
+        return load_npz(cache), cache
     has_splits = os.path.isdir(os.path.join(root, "train"))
     per_split = {s: _list_class_folder(os.path.join(root, s)) for s in SPLITS
                  if os.path.isdir(os.path.join(root, s))} if has_splits else {"train": _list_class_folder(root)}
@@ -226,8 +231,7 @@ def load_folder(root, size, data_dir, seed=0):
             for f in fs:
                 try:
                     with Image.open(f) as im:
-                        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-                        xs.append(np.asarray(im))
+                        xs.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
                 except (UnidentifiedImageError, OSError, ValueError) as e:
                     raise ValueError(f"{f}: unreadable image file ({e})") from e
                 ys.append(classes.index(c))
@@ -236,31 +240,37 @@ def load_folder(root, size, data_dir, seed=0):
     gen = torch.Generator().manual_seed(seed)
     for split, frac in (("test", 0.2), ("val", 0.1)):
         if split not in imgs:
-            keep, carve = _stratified_split(torch.from_numpy(labels["train"]), frac, gen)
-            imgs[split], labels[split] = imgs["train"][carve.numpy()], labels["train"][carve.numpy()]
-            imgs["train"], labels["train"] = imgs["train"][keep.numpy()], labels["train"][keep.numpy()]
+            keep, carve = (t.numpy() for t in _stratified_split(torch.from_numpy(labels["train"]), frac, gen))
+            imgs[split], labels[split] = imgs["train"][carve], labels["train"][carve]
+            imgs["train"], labels["train"] = imgs["train"][keep], labels["train"][keep]
     # keep 1 channel when every image is gray (R == G == B), as X-rays are; else RGB
     gray = all((x[..., 0] == x[..., 1]).all() and (x[..., 1] == x[..., 2]).all() for x in imgs.values())
-    arrays = {}
-    for s in SPLITS:
-        arrays[f"{s}_images"] = imgs[s][..., 0] if gray else imgs[s]
-        arrays[f"{s}_labels"] = labels[s]
-    os.makedirs(data_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=data_dir)
-    os.close(fd)
-    np.savez(tmp, classes=np.asarray(classes), **arrays)
-    os.replace(tmp, cache)
-    return cache
+    arrays = {f"{s}_images": imgs[s][..., 0] if gray else imgs[s] for s in SPLITS}
+    arrays.update({f"{s}_labels": labels[s] for s in SPLITS})
+    tmp = None
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=data_dir)
+        os.close(fd)
+        np.savez(tmp, classes=np.asarray(classes), **arrays)
+        os.replace(tmp, cache)
+    except OSError as e:
+        warnings.warn(f"could not cache {root} as {cache} ({e}); it will be decoded again next time")
+    finally:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+    return arrays, root
 
 
 def load_dataset(data, size=28, data_dir=None, seed=0, device="cpu"):
     """Returns {'train'|'val'|'test': (uint8 N x C x H x W, int64 N) on device, 'n_classes', 'channels', 'name'}."""
     data_dir = data_dir or default_data_dir()
     if os.path.isdir(data):
-        path = load_folder(data, size, data_dir, seed)
+        arrays, path = load_folder(data, size, data_dir, seed)
     else:
         path = find_medmnist(ALIASES.get(data, data), size, data_dir)
-    splits, n_classes = check_splits(load_npz(path), path)
+        arrays = load_npz(path)
+    splits, n_classes = check_splits(arrays, path)
     ds = {s: (x.to(device), y.to(device)) for s, (x, y) in splits.items()}
     if ds["train"][0].shape[-1] != size or ds["train"][0].shape[-2] != size:
         raise ValueError(f"{path}: images are {tuple(ds['train'][0].shape[-2:])}, expected --size {size}")

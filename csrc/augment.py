@@ -15,7 +15,7 @@ Column  name       meaning (pixel units refer to the uint8 source image)
   7     CONTRAST   contrast factor c:    x <- clamp(c x + (1 - c) mean(gray(x)))
   8     SAT        saturation factor s:  x <- clamp(s x + (1 - s) gray(x))        (RGB only)
   9     HUE        hue shift in turns:   h <- (h + HUE) mod 1 in HSV space        (RGB only)
- 10     GRAY       1 = replace RGB by its luma, 0.299 R + 0.587 G + 0.114 B       (RGB only)
+ 10     GRAY       1 = replace RGB by its luma, 0.2989 R + 0.587 G + 0.114 B       (RGB only)
  11     BLUR       1 = Gaussian blur with the sigma below (odd kernel ~10% of the side, reflect padding)
  12     SIGMA      blur sigma in output pixels
  13     SOLARIZE   1 = x <- 1 - x where x >= 0.5
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 P = 14
 TOP, LEFT, HEIGHT, WIDTH, FLIP, JITTER, BRIGHT, CONTRAST, SAT, HUE, GRAY, BLUR, SIGMA, SOLARIZE = range(P)
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as torchvision's rgb_to_grayscale
+LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601 weights with torchvision's rounding of R (0.2989)
 
 
 def blur_kernel_size(size: int) -> int:

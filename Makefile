@@ -1,0 +1,33 @@
+# medssl: `make test` and `make run` set up everything they need (a .venv from requirements.txt) on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Data: $MEDSSL_DATA_DIR if set; else ../shared/data where it exists (the dev/CI machines, offline); else ./data,
+# where the official MedMNIST files are downloaded on first use.
+MEDSSL_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),data)
+export MEDSSL_DATA_DIR
+
+.PHONY: test run bench reproduce check-cuda clean
+
+$(VENV)/.stamp: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.stamp
+
+test: $(VENV)/.stamp
+	$(PY) -m pytest -q tests
+
+run: $(VENV)/.stamp
+	$(PY) simclr.py --data pneumonia --epochs 10
+
+bench: $(VENV)/.stamp
+	$(PY) bench.py
+
+# compile-only check of the CUDA kernel (no GPU needed): catches CUDA code that no longer builds
+check-cuda: $(VENV)/.stamp
+	$(PY) csrc/check_cuda.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

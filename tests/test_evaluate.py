@@ -1,0 +1,115 @@
+"""Metrics, kNN and the linear probe against brute-force definitions and constructed data."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import common
+import evaluate
+
+
+def brute_auc(y, s):
+    """P(s_pos > s_neg) + 1/2 P(tie) over every positive/negative pair."""
+    pos = [a for a, t in zip(s.tolist(), y.tolist()) if t]
+    neg = [a for a, t in zip(s.tolist(), y.tolist()) if not t]
+    wins = sum((p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def test_binary_auc_matches_pair_counting_with_ties():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        y = torch.randint(0, 2, (60,), generator=g)
+        s = torch.randint(0, 8, (60,), generator=g).float()  # many ties
+        assert evaluate.binary_auc(y, s) == pytest.approx(brute_auc(y, s), abs=1e-12)
+    assert evaluate.binary_auc(torch.tensor([0, 0, 1, 1]), torch.tensor([0.1, 0.2, 0.3, 0.4])) == 1.0
+    assert evaluate.binary_auc(torch.tensor([1, 1, 0, 0]), torch.tensor([0.1, 0.2, 0.3, 0.4])) == 0.0
+    assert evaluate.binary_auc(torch.tensor([1, 1]), torch.tensor([0.1, 0.2])) != evaluate.binary_auc(
+        torch.tensor([1, 1]), torch.tensor([0.1, 0.2]))  # NaN when only one class is present
+
+
+def brute_metrics(y, pred, K):
+    y, pred = y.tolist(), pred.tolist()
+    n = len(y)
+    acc = sum(a == b for a, b in zip(y, pred)) / n
+    f1w, recalls = 0.0, []
+    for c in range(K):
+        tp = sum(1 for a, b in zip(y, pred) if a == c and b == c)
+        fp = sum(1 for a, b in zip(y, pred) if a != c and b == c)
+        fn = sum(1 for a, b in zip(y, pred) if a == c and b != c)
+        support = sum(1 for a in y if a == c)
+        if support == 0:
+            continue
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / support
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        f1w += support / n * f1
+        recalls.append(rec)
+    return acc, f1w, sum(recalls) / len(recalls)
+
+
+@pytest.mark.parametrize("K", [2, 3, 5])
+def test_metrics_match_brute_force(K):
+    g = torch.Generator().manual_seed(K)
+    y = torch.randint(0, K, (200,), generator=g)
+    probs = torch.rand(200, K, generator=g).softmax(1)
+    m = evaluate.metrics(y, probs)
+    acc, f1w, bacc = brute_metrics(y, probs.argmax(1), K)
+    assert m["acc"] == pytest.approx(acc) and m["f1_weighted"] == pytest.approx(f1w)
+    assert m["balanced_acc"] == pytest.approx(bacc)
+    if K == 2:
+        assert m["auc"] == pytest.approx(brute_auc(y == 1, probs[:, 1]))
+    else:  # macro one-vs-rest
+        assert m["auc"] == pytest.approx(sum(brute_auc(y == c, probs[:, c]) for c in range(K)) / K)
+
+
+def test_knn_matches_a_naive_loop():
+    g = torch.Generator().manual_seed(1)
+    tr, te = torch.randn(50, 8, generator=g), torch.randn(7, 8, generator=g)
+    ytr = torch.randint(0, 3, (50,), generator=g)
+    for k in (5, 200):  # 200 > 50: capped at the train size
+        probs = evaluate.knn_predict(tr, ytr, te, 3, k=k, temperature=0.1)
+        for i in range(7):
+            sims = [(float(torch.cosine_similarity(te[i], tr[j], dim=0)), int(ytr[j])) for j in range(50)]
+            sims.sort(key=lambda t: -t[0])
+            score = [0.0] * 3
+            for s, c in sims[:min(k, 50)]:
+                score[c] += math.exp(s / 0.1)
+            total = sum(score)
+            assert probs[i].tolist() == pytest.approx([s / total for s in score], rel=1e-4)
+
+
+def test_linear_probe_separates_separable_data_and_not_noise():
+    g = torch.Generator().manual_seed(2)
+    make = lambda n: torch.randn(n, 16, generator=g)
+    w = torch.randn(16, generator=g)
+    xs = [make(n) for n in (300, 100, 200)]
+    ys = [(x @ w > 0).long() for x in xs]
+    probs, wd = evaluate.linear_probe(xs[0], ys[0], xs[1], ys[1], xs[2], 2)
+    m = evaluate.metrics(ys[2], probs)
+    assert m["acc"] > 0.95 and m["auc"] > 0.99
+    noise = [torch.randint(0, 2, (len(x),), generator=g) for x in xs]
+    probs, _ = evaluate.linear_probe(xs[0], noise[0], xs[1], noise[1], xs[2], 2)
+    assert abs(evaluate.metrics(noise[2], probs)["auc"] - 0.5) < 0.15
+
+
+def test_features_use_eval_mode_batch_independent():
+    """In eval mode BN uses running stats, so a sample's features do not depend on its batch."""
+    torch.manual_seed(0)
+    net, dim = common.make_backbone("resnet18", 1, 28)
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    a = evaluate.extract_features(net, images, [0.5], [0.25], batch_size=6)
+    b = evaluate.extract_features(net, images, [0.5], [0.25], batch_size=1)
+    assert a.shape == (6, dim) and torch.allclose(a, b, atol=1e-4)
+    assert net.training  # restored afterwards
+
+
+def test_backbone_stems():
+    small, d18 = common.make_backbone("resnet18", 1, 28)
+    assert d18 == 512 and small.conv1.stride == (1, 1) and isinstance(small.maxpool, torch.nn.Identity)
+    big, d50 = common.make_backbone("resnet50", 3, 224)
+    assert d50 == 2048 and big.conv1.stride == (2, 2) and big.conv1.in_channels == 3
+    assert small(torch.randn(2, 1, 28, 28)).shape == (2, 512)
+    with pytest.raises(ValueError, match="--arch 'vgg'"):
+        common.make_backbone("vgg", 1, 28)

@@ -1,0 +1,109 @@
+"""The method scripts end to end as subprocesses on tiny synthetic data: outputs, resume, NaN guard, evaluate.py."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, make_arrays
+
+TINY = ["--data", "pneumonia", "--batch-size", "16", "--epochs", "2", "--eval-every", "1", "--proj-hidden", "64"]
+
+
+def run(script, data_dir, out, *extra, check=True):
+    cmd = [sys.executable, os.path.join(ROOT, script), *TINY, "--data-dir", str(data_dir), "--out", str(out), *extra]
+    env = dict(os.environ, MEDSSL_OP=os.environ.get("MEDSSL_OP", "1"), OMP_NUM_THREADS="2")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    np.savez(tmp_path / "pneumoniamnist.npz", **make_arrays(n=(48, 16, 16)))
+    return tmp_path
+
+
+@pytest.mark.parametrize("script", ["simclr.py"])
+def test_two_epochs_write_checkpoint_metrics_results(script, tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    run(script, tiny_dir, out)
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == script[:-3] and res["data"] == "pneumonia" and res["size"] == 28 and res["epochs"] == 2
+    for proto in ("knn", "linear"):
+        assert set(res[proto]) >= {"acc", "auc", "f1_weighted", "balanced_acc"}
+        assert 0 <= res[proto]["acc"] <= 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert len(train_rows) == 2 * 3  # 48 images / batch 16 = 3 steps per epoch
+    assert all(np.isfinite(r["train/loss"]) and r["train/z_std"] > 0 for r in train_rows)
+    assert len([r for r in rows if "val/knn_acc" in r]) == 2
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["epochs"] == 2 and "optimizer" in ckpt
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_kill_and_resume_matches_uninterrupted(tiny_dir, tmp_path):
+    extra = ["--epochs", "3", "--data-dir", str(tiny_dir)]
+    full = tmp_path / "full"
+    run("simclr.py", tiny_dir, full, *extra)
+    # the same run, killed (SIGKILL) while it trains epoch 2, then resumed
+    part = tmp_path / "part"
+    cmd = [sys.executable, os.path.join(ROOT, "simclr.py"), *TINY, "--out", str(part), *extra]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env=dict(os.environ, OMP_NUM_THREADS="2"))
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        log = part / "metrics.jsonl"
+        if log.exists() and any(json.loads(line).get("epoch") == 1 for line in log.read_text().splitlines() if line):
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert torch.load(part / "checkpoint.pt", weights_only=True)["epoch"] == 1  # killed mid-epoch 2
+    run("simclr.py", tiny_dir, part, *extra, "--resume")
+    a = torch.load(full / "checkpoint.pt", weights_only=True)
+    b = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    steps = lambda d: [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines() if "step" in x]
+    assert steps(part) == steps(full) == list(range(9))  # no duplicated or missing steps in the resumed log
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dir, tmp_path):
+    out = tmp_path / "nan"
+    run("simclr.py", tiny_dir, out, "--epochs", "2")
+    good = torch.load(out / "checkpoint.pt", weights_only=True)
+    r = run("simclr.py", tiny_dir, out, "--epochs", "3", "--resume", "--temperature", "0", check=False)
+    assert r.returncode != 0
+    assert "loss is nan" in r.stderr + r.stdout and "last good checkpoint (epoch 2)" in r.stderr + r.stdout
+    kept = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert kept["epoch"] == 2 and all(torch.equal(good["model"][k], kept["model"][k]) for k in good["model"])
+
+
+def test_evaluate_script_checkpoint_and_random(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    run("simclr.py", tiny_dir, out, "--epochs", "1")
+    env = dict(os.environ, MEDSSL_DATA_DIR=str(tiny_dir))
+    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(out / "checkpoint.pt")],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "linear" in r.stdout and json.loads((out / "eval.json").read_text())["method"] == "simclr"
+    rnd = tmp_path / "random.json"
+    r = subprocess.run([sys.executable, "evaluate.py", "--data", "pneumonia", "--init", "random", "--out", str(rnd)],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(rnd.read_text())
+    assert res["method"] == "random" and res["linear"]["auc"] > 0.9  # the synthetic classes differ in brightness
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(bad)], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=600)
+    assert r.returncode != 0 and "bad.pt: not a readable medssl checkpoint" in r.stderr
