@@ -1,0 +1,150 @@
+// medssl::augment: batched multi-view augmentation of uint8 images with per-view parameters.
+// This file holds the input checks, the CPU kernel (parallel over views), and the op schema + CPU registration.
+// The CUDA kernel and its registration are in augment.cu; the semantics are specified by augment_reference
+// in augment.py, and the per-pixel math shared by both kernels is in augment.h.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "augment.h"
+
+namespace medssl {
+
+// Checks shared with the CUDA entry point: say what was expected and what came.
+Norm check_inputs(const at::Tensor& images, const at::Tensor& params, int64_t size, int64_t blur_kernel,
+                  at::ArrayRef<double> mean, at::ArrayRef<double> std) {
+  TORCH_CHECK(images.scalar_type() == at::kByte, "medssl::augment: images must be uint8, got ", images.scalar_type());
+  TORCH_CHECK(images.dim() == 4, "medssl::augment: images must be N x C x H x W, got ", images.dim(), " dims");
+  TORCH_CHECK(images.size(1) == 1 || images.size(1) == 3, "medssl::augment: images must have 1 or 3 channels, got ",
+              images.size(1));
+  TORCH_CHECK(images.size(0) > 0 && images.size(2) > 0 && images.size(3) > 0,
+              "medssl::augment: empty batch or image, shape ", images.sizes());
+  TORCH_CHECK(images.is_contiguous(), "medssl::augment: images must be contiguous (call .contiguous())");
+  TORCH_CHECK(params.scalar_type() == at::kFloat, "medssl::augment: params must be float32, got ", params.scalar_type());
+  TORCH_CHECK(params.dim() == 3 && params.size(1) == images.size(0) && params.size(2) == P,
+              "medssl::augment: params must be (V, ", images.size(0), ", ", P, "), got ", params.sizes());
+  TORCH_CHECK(params.size(0) > 0, "medssl::augment: params has no views");
+  TORCH_CHECK(params.is_contiguous(), "medssl::augment: params must be contiguous");
+  TORCH_CHECK(params.device() == images.device(), "medssl::augment: params on ", params.device(), " but images on ",
+              images.device());
+  TORCH_CHECK(size >= 1, "medssl::augment: size must be >= 1, got ", size);
+  TORCH_CHECK(blur_kernel >= 1 && blur_kernel % 2 == 1 && blur_kernel / 2 < size,
+              "medssl::augment: blur_kernel must be odd with blur_kernel / 2 < size, got ", blur_kernel);
+  const int64_t C = images.size(1);
+  TORCH_CHECK((int64_t)mean.size() == C && (int64_t)std.size() == C, "medssl::augment: mean and std need ", C,
+              " entries (one per channel), got ", mean.size(), " and ", std.size());
+  Norm n{};
+  for (int64_t c = 0; c < C; ++c) {
+    TORCH_CHECK(std[c] > 0, "medssl::augment: std must be > 0, got ", std[c]);
+    n.mean[c] = (float)mean[c];
+    n.inv_std[c] = (float)(1.0 / std[c]);
+  }
+  return n;
+}
+
+// One view: crop+resize+flip+brightness (and the contrast mean) -> colour -> blur -> solarize+normalize.
+// `buf` and `tmp` are C*S*S scratch floats owned by the calling thread.
+template <int C>
+void augment_view(const uint8_t* img, int H, int W, const float* p, int S, int K, const Norm& norm, float* buf,
+                  float* tmp, float* out) {
+  const int top = (int)p[TOP], left = (int)p[LEFT], h = (int)p[HEIGHT], w = (int)p[WIDTH];
+  const bool flip = p[FLIP] > 0.5f, jitter = p[JITTER] > 0.5f;
+  const float bright = jitter ? p[BRIGHT] : 1.f;
+  std::vector<int> x0(S), x1(S);
+  std::vector<float> wx(S);
+  for (int x = 0; x < S; ++x) resize_tap(flip ? S - 1 - x : x, left, w, S, x0[x], x1[x], wx[x]);
+  double lum_sum = 0.0;
+  const int HW = H * W, SS = S * S;
+  for (int y = 0; y < S; ++y) {
+    int y0, y1;
+    float wy;
+    resize_tap(y, top, h, S, y0, y1, wy);
+    for (int x = 0; x < S; ++x) {
+      float v[3];
+      for (int c = 0; c < C; ++c) {
+        const uint8_t* ch = img + c * HW;
+        float a = ch[y0 * W + x0[x]] * (1.f - wy) + ch[y1 * W + x0[x]] * wy;  // rows first, as the reference
+        float b = ch[y0 * W + x1[x]] * (1.f - wy) + ch[y1 * W + x1[x]] * wy;
+        v[c] = (a * (1.f - wx[x]) + b * wx[x]) / 255.f;
+        if (jitter) v[c] = clamp01(v[c] * bright);
+        buf[c * SS + y * S + x] = v[c];
+      }
+      lum_sum += C == 3 ? LUMA_R * v[0] + LUMA_G * v[1] + LUMA_B * v[2] : v[0];
+    }
+  }
+  const float mean = (float)(lum_sum / SS);
+  if (jitter || (C == 3 && p[GRAY] > 0.5f)) {
+    for (int i = 0; i < SS; ++i) {
+      float v[3];
+      for (int c = 0; c < C; ++c) v[c] = buf[c * SS + i];
+      colour<C>(v, p, mean);
+      for (int c = 0; c < C; ++c) buf[c * SS + i] = v[c];
+    }
+  }
+  const bool sol = p[SOLARIZE] > 0.5f;
+  if (p[BLUR] > 0.5f) {
+    const int r = K / 2;
+    std::vector<float> k(K);
+    float total = 0.f;
+    for (int i = 0; i < K; ++i) {
+      float t = (float)(i - r) / p[SIGMA];
+      k[i] = std::exp(-0.5f * t * t);
+      total += k[i];
+    }
+    for (auto& v : k) v /= total;
+    for (int c = 0; c < C; ++c) {
+      const float* src = buf + c * SS;
+      float* mid = tmp + c * SS;
+      for (int y = 0; y < S; ++y)  // horizontal pass
+        for (int x = 0; x < S; ++x) {
+          float acc = 0.f;
+          for (int i = 0; i < K; ++i) acc += k[i] * src[y * S + reflect(x + i - r, S)];
+          mid[y * S + x] = acc;
+        }
+      for (int y = 0; y < S; ++y)  // vertical pass, fused with solarize + normalize
+        for (int x = 0; x < S; ++x) {
+          float acc = 0.f;
+          for (int i = 0; i < K; ++i) acc += k[i] * mid[reflect(y + i - r, S) * S + x];
+          out[c * SS + y * S + x] = finish(acc, sol, norm, c);
+        }
+    }
+  } else {
+    for (int c = 0; c < C; ++c)
+      for (int i = 0; i < SS; ++i) out[c * SS + i] = finish(buf[c * SS + i], sol, norm, c);
+  }
+}
+
+at::Tensor augment_cpu(const at::Tensor& images, const at::Tensor& params, int64_t size, int64_t blur_kernel,
+                       at::ArrayRef<double> mean, at::ArrayRef<double> std) {
+  const Norm norm = check_inputs(images, params, size, blur_kernel, mean, std);
+  TORCH_CHECK(images.device().is_cpu(), "medssl::augment (CPU kernel): images must be on the CPU");
+  const int64_t V = params.size(0), B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
+  const int S = (int)size, K = (int)blur_kernel;
+  at::Tensor out = at::empty({V, B, C, size, size}, images.options().dtype(at::kFloat));
+  const uint8_t* img = images.data_ptr<uint8_t>();
+  const float* prm = params.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t view_elems = C * size * size;
+  // one task per view; each thread brings its own scratch (2 x C x S x S floats, L2-sized for S <= 224)
+  at::parallel_for(0, V * B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(view_elems), tmp(view_elems);
+    for (int64_t m = begin; m < end; ++m) {
+      const uint8_t* src = img + (m % B) * C * H * W;  // view v of image b is row m = v * B + b
+      if (C == 1)
+        augment_view<1>(src, (int)H, (int)W, prm + m * P, S, K, norm, buf.data(), tmp.data(), dst + m * view_elems);
+      else
+        augment_view<3>(src, (int)H, (int)W, prm + m * P, S, K, norm, buf.data(), tmp.data(), dst + m * view_elems);
+    }
+  });
+  return out;
+}
+
+}  // namespace medssl
+
+TORCH_LIBRARY(medssl, m) {
+  m.def("augment(Tensor images, Tensor params, int size, int blur_kernel, float[] mean, float[] std) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(medssl, CPU, m) { m.impl("augment", &medssl::augment_cpu); }

@@ -1,0 +1,126 @@
+"""The compiled op (csrc/augment.cpp, .cu) against augment_reference, opcheck, bad arguments, and the fallback."""
+import warnings
+
+import pytest
+import torch
+
+import common
+from csrc import augment as aug
+from csrc.augment import P, TOP, LEFT, HEIGHT, WIDTH, BRIGHT, CONTRAST, SAT, SIGMA, augment_reference, blur_kernel_size
+
+TOL = 1e-4  # max abs difference in normalized units, float32
+VIEWS = (common.ViewProbs(), common.ViewProbs(jitter=1, gray=0.5, blur=1, solarize=0.5))
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def op():
+    return aug.load_op()
+
+
+def batch(B, C, H, W, seed, views=VIEWS, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (B, C, H, W), generator=g, dtype=torch.uint8)
+    return images.to(device), common.sample_params(B, H, W, C, g, views=views).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("H,W,size", [(28, 28, 28), (33, 33, 33), (64, 64, 64), (31, 45, 27), (224, 224, 96)])
+def test_op_matches_reference(op, device, C, H, W, size):
+    images, params = batch(24, C, H, W, seed=H * 10 + C, device=device)
+    mean, std = [0.45, 0.5, 0.55][:C], [0.2, 0.25, 0.3][:C]
+    k = blur_kernel_size(size)
+    got = op(images, params, size, k, mean, std)
+    want = augment_reference(images.cpu(), params.cpu(), size, mean, std, k)
+    assert got.shape == want.shape and got.dtype == torch.float32 and got.device.type == device
+    err = (got.cpu() - want).abs().max().item()
+    assert err <= TOL, f"max abs diff {err}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_edge_cases(op, device):
+    """Full-image and 1-pixel crops touching each border, tiny sigma, all flags off, all flags on."""
+    C, H = 3, 20
+    images = torch.randint(0, 256, (6, C, H, H), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    p = torch.zeros(2, 6, P)
+    p[..., BRIGHT] = p[..., CONTRAST] = p[..., SAT] = 1.0
+    p[..., SIGMA] = 1.0
+    p[:, :, HEIGHT] = p[:, :, WIDTH] = H
+    boxes = [(0, 0, H, H), (H - 1, H - 1, 1, 1), (0, 0, 1, 1), (0, H - 5, H, 5), (H - 3, 0, 3, H), (4, 4, 9, 9)]
+    for b, box in enumerate(boxes):
+        p[0, b, [TOP, LEFT, HEIGHT, WIDTH]] = torch.tensor(box, dtype=torch.float32)
+        p[1, b] = torch.tensor([*box, 1, 1, 1.3, 0.6, 1.4, 0.1 - 0.04 * b, 1, 1, 1e-3 if b == 3 else 2.0, 1])
+    mean, std = [0.5] * 3, [0.5] * 3
+    got = op(images.to(device), p.to(device), H, 5, mean, std).cpu()
+    want = augment_reference(images, p, H, mean, std, 5)
+    assert (got - want).abs().max() <= TOL
+    assert torch.allclose(got[0, 0], (images[0].float() / 255 - 0.5) / 0.5, atol=1e-6)  # identity view
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(op, device):
+    images, params = batch(4, 3, 28, 28, seed=0, device=device)
+    torch.library.opcheck(op, (images, params, 28, 3, [0.5, 0.5, 0.5], [0.2, 0.2, 0.2]))
+    images, params = batch(3, 1, 33, 33, seed=1, device=device)
+    torch.library.opcheck(op, (images, params, 17, 3, [0.5], [0.2]))
+
+
+def test_op_draws_no_random_numbers(op):
+    images, params = batch(8, 3, 28, 28, seed=2)
+    torch.manual_seed(0)
+    a = op(images, params, 28, 3, [0.5] * 3, [0.2] * 3)
+    state = torch.get_rng_state()
+    b = op(images, params, 28, 3, [0.5] * 3, [0.2] * 3)
+    assert torch.equal(a, b) and torch.equal(state, torch.get_rng_state())
+
+
+def test_op_rejects_bad_arguments(op):
+    images, params = batch(4, 1, 28, 28, seed=0)
+    ok = (28, 3, [0.5], [0.2])
+    cases = [
+        ((images.float(), params, *ok), "images must be uint8"),
+        ((images[0], params, *ok), "images must be N x C x H x W"),
+        ((torch.zeros(4, 2, 28, 28, dtype=torch.uint8), params, *ok), "1 or 3 channels"),
+        ((images[:0], params[:, :0], *ok), "empty batch"),
+        ((images.transpose(2, 3), params, *ok), "contiguous"),
+        ((images, params.double(), *ok), "params must be float32"),
+        ((images, params[:, :2], *ok), r"params must be \(V, 4, 14\)"),
+        ((images, params, 0, 3, [0.5], [0.2]), "size must be >= 1"),
+        ((images, params, 28, 4, [0.5], [0.2]), "blur_kernel must be odd"),
+        ((images, params, 28, 3, [0.5, 0.5], [0.2, 0.2]), "mean and std need 1 entries"),
+        ((images, params, 28, 3, [0.5], [0.0]), "std must be > 0"),
+    ]
+    for args, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            op(*args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_op_rejects_device_mismatch(op):
+    images, params = batch(4, 1, 28, 28, seed=0)
+    with pytest.raises(RuntimeError, match="params on"):
+        op(images.cuda(), params, 28, 3, [0.5], [0.2])
+
+
+def test_dispatch_uses_op_and_falls_back_with_one_warning(op, monkeypatch):
+    images, params = batch(4, 1, 28, 28, seed=3)
+    args = (images, params, 28, [0.5], [0.2])
+    assert torch.allclose(aug.augment(*args), augment_reference(*args), atol=TOL)
+    monkeypatch.setenv("MEDSSL_OP", "0")  # forced reference: bit-identical to it
+    assert torch.equal(aug.augment(*args), augment_reference(*args))
+    monkeypatch.setenv("MEDSSL_OP", "1")
+
+    def broken(verbose=False):
+        raise RuntimeError("medssl: could not build the augmentation op in csrc/: simulated")
+    monkeypatch.setattr(aug, "load_op", broken)
+    monkeypatch.setattr(aug, "_warned", False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        a = aug.augment(*args)
+        aug.augment(*args)
+    assert torch.equal(a, augment_reference(*args))
+    assert len([x for x in w if "Falling back" in str(x.message)]) == 1
+    monkeypatch.setenv("MEDSSL_REQUIRE_OP", "1")
+    with pytest.raises(RuntimeError, match="simulated"):
+        aug.augment(*args)
