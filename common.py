@@ -357,13 +357,17 @@ def make_backbone(arch, channels, size):
     return net, dim
 
 
-def warmup_cosine(optimizer, warmup_steps, total_steps):
-    """Linear warmup to the base LR, then cosine decay to 0, stepped once per optimizer step."""
+def warmup_cosine(optimizer, warmup_steps, total_steps, fixed_groups=()):
+    """Linear warmup to the base LR, then cosine decay to 0, stepped once per optimizer step.
+
+    Param groups listed in fixed_groups keep their base LR throughout (SimSiam's predictor).
+    """
     def f(step):
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+    lambdas = [(lambda step: 1.0) if i in fixed_groups else f for i in range(len(optimizer.param_groups))]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints, logs

@@ -39,7 +39,7 @@ class Args:
     seed: int = 0  # seeds the model init, the batch order and every augmentation parameter
     train_subset: int = 0  # use a random N-image subset of the train split (0 = all)
     eval_every: int = 5  # epochs between kNN scores on the val split
-    out: str = ""  # run folder; default runs/simclr-<data>-<size>-s<seed>
+    out: str = ""  # run folder; default runs/<method>-<data>-<size>-s<seed>
     resume: bool = False  # continue from <out>/checkpoint.pt
     # SimCLR
     temperature: float = 0.5  # t in NT-Xent (the paper's CIFAR-10 value; 0.1 on ImageNet)
@@ -47,7 +47,8 @@ class Args:
     proj_dim: int = 128  # projector output width (the paper's)
 
 
-VIEW = common.ViewProbs(jitter=0.8, gray=0.2, blur=0.5, solarize=0.0)  # both views alike in SimCLR
+METHOD = "simclr"
+VIEWS = (common.ViewProbs(jitter=0.8, gray=0.2, blur=0.5, solarize=0.0),) * 2  # both views alike in SimCLR
 
 
 # ------------------------------------------------------------------------------------------------ 2. method
@@ -76,7 +77,7 @@ def loss_fn(z1, z2, temperature):
 # ------------------------------------------------------------------------------------------------ 3. setup
 def main(args):
     device = common.get_device()
-    out = common.run_dir(args, "simclr")
+    out = common.run_dir(args, METHOD)
     os.makedirs(out, exist_ok=True)
     ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
     torch.manual_seed(args.seed)
@@ -112,14 +113,14 @@ def main(args):
     common.trim_log(log_path, start) if args.resume else open(log_path, "w").close()
 
     # -------------------------------------------------------------------------------------------- 4. training loop
-    bar = tqdm(total=args.epochs * steps, initial=start * steps, desc="simclr", unit="step")
+    bar = tqdm(total=args.epochs * steps, initial=start * steps, desc=METHOD, unit="step")
     for epoch in range(start, args.epochs):
         model.train()
         perm = torch.randperm(N, generator=gen).to(device)
         for step in range(steps):
             t0 = time.perf_counter()
             idx = perm[step * B:(step + 1) * B]
-            params = common.sample_params(len(idx), H, W, C, gen, views=(VIEW, VIEW)).to(device, non_blocking=True)
+            params = common.sample_params(len(idx), H, W, C, gen, views=VIEWS).to(device, non_blocking=True)
             x1, x2 = common.augment(images[idx], params, args.size, mean, std)  # each (B, C, S, S) float32
             x = torch.cat([x1, x2])  # both views through the backbone in one call: (2B, C, S, S)
             if device.type == "cuda":
@@ -138,10 +139,10 @@ def main(args):
             loss_value = loss.item()  # one host sync per step, for the log and the NaN guard
             if not torch.isfinite(torch.tensor(loss_value)):
                 kept = f"the last good checkpoint (epoch {epoch}) is {ckpt_path}" if epoch else "no checkpoint yet"
-                raise SystemExit(f"simclr: loss is {loss_value} at epoch {epoch + 1} step {step + 1}; stopped, "
+                raise SystemExit(f"{METHOD}: loss is {loss_value} at epoch {epoch + 1} step {step + 1}; stopped, "
                                  f"{kept}. Try a lower --lr or a higher --temperature.")
             # collapse monitor: std over the batch of the unit-norm projection, ~1/sqrt(d) when healthy, 0 if collapsed
-            z_std = F.normalize(z1.detach(), dim=1).std(0).mean().item()
+            z_std = F.normalize(z.detach().float(), dim=1).std(0).mean().item()
             img_per_s = len(idx) / (time.perf_counter() - t0)
             common.log_jsonl(log_path, {"epoch": epoch, "step": epoch * steps + step, "train/loss": loss_value,
                                         "train/lr": scheduler.get_last_lr()[0], "train/img_per_s": img_per_s,
@@ -154,15 +155,15 @@ def main(args):
             common.log_jsonl(log_path, {"epoch": epoch, "val/knn_acc": knn["acc"], "val/knn_auc": knn["auc"]})
             bar.write(f"epoch {epoch + 1}: val kNN acc {knn['acc']:.4f} auc {knn['auc']:.4f}")
         common.save_checkpoint(ckpt_path, {
-            "method": "simclr", "args": dataclasses.asdict(args), "epoch": epoch + 1, "model": model.state_dict(),
+            "method": METHOD, "args": dataclasses.asdict(args), "epoch": epoch + 1, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "gen": gen.get_state(), "torch_rng": torch.get_rng_state()})
     bar.close()
 
     # -------------------------------------------------------------------------------------------- 5. evaluation
-    results = {"method": "simclr", "data": args.data, "size": args.size, "epochs": args.epochs,
+    results = {"method": METHOD, "data": args.data, "size": args.size, "epochs": args.epochs,
                **evaluate.evaluate(backbone, ds, mean, std)}
-    evaluate.print_table({f"simclr ({ds['name']}, {args.size}px)": results})
+    evaluate.print_table({f"{METHOD} ({ds['name']}, {args.size}px)": results})
     common.write_json(os.path.join(out, "results.json"), results)
     return results
 

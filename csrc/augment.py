@@ -139,9 +139,11 @@ def augment_reference(images, params, size, mean, std, blur_kernel=None):
     r = blur_kernel // 2
     t = torch.arange(-r, r + 1, device=x.device, dtype=torch.float32)
     k = torch.exp(-0.5 * (t[None] / p[:, SIGMA, None]) ** 2)
-    k = (k / k.sum(1, keepdim=True))[:, None, None, None, :]  # (M, 1, 1, 1, K) against unfolded (M, C, S, S, K)
-    xb = (F.pad(x, (r, r, 0, 0), mode="reflect").unfold(3, blur_kernel, 1) * k).sum(-1)
-    xb = (F.pad(xb, (0, 0, r, r), mode="reflect").unfold(2, blur_kernel, 1) * k).sum(-1)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (M*C, K): one 1-D kernel per view and channel
+    xb = x.reshape(1, M * C, size, size)  # depthwise conv: every (view, channel) plane is its own group
+    xb = F.conv2d(F.pad(xb, (r, r, 0, 0), mode="reflect"), k[:, None, None, :], groups=M * C)  # horizontal
+    xb = F.conv2d(F.pad(xb, (0, 0, r, r), mode="reflect"), k[:, None, :, None], groups=M * C)  # vertical
+    xb = xb.reshape(M, C, size, size)
     x = torch.where(on(BLUR)[:, None, None, None], xb, x)
 
     x = torch.where(on(SOLARIZE)[:, None, None, None] & (x >= 0.5), 1 - x, x)

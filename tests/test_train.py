@@ -12,11 +12,19 @@ import torch
 
 from conftest import ROOT, make_arrays
 
-TINY = ["--data", "pneumonia", "--batch-size", "16", "--epochs", "2", "--eval-every", "1", "--proj-hidden", "64"]
+TINY = ["--data", "pneumonia", "--batch-size", "16", "--epochs", "2", "--eval-every", "1"]
+SMALL_HEADS = {"simclr.py": ["--proj-hidden", "64"], "byol.py": ["--proj-hidden", "64", "--proj-dim", "32"],
+               "simsiam.py": ["--proj-dim", "64", "--pred-hidden", "16"], "barlow.py": ["--proj-dim", "64"]}
+METHODS = list(SMALL_HEADS)
+
+
+def command(script, data_dir, out, *extra):
+    return [sys.executable, os.path.join(ROOT, script), *TINY, *SMALL_HEADS[script], "--data-dir", str(data_dir),
+            "--out", str(out), *extra]
 
 
 def run(script, data_dir, out, *extra, check=True):
-    cmd = [sys.executable, os.path.join(ROOT, script), *TINY, "--data-dir", str(data_dir), "--out", str(out), *extra]
+    cmd = command(script, data_dir, out, *extra)
     env = dict(os.environ, MEDSSL_OP=os.environ.get("MEDSSL_OP", "1"), OMP_NUM_THREADS="2")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     if check and r.returncode != 0:
@@ -30,7 +38,7 @@ def tiny_dir(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("script", ["simclr.py"])
+@pytest.mark.parametrize("script", METHODS)
 def test_two_epochs_write_checkpoint_metrics_results(script, tiny_dir, tmp_path):
     out = tmp_path / "run"
     run(script, tiny_dir, out)
@@ -49,13 +57,14 @@ def test_two_epochs_write_checkpoint_metrics_results(script, tiny_dir, tmp_path)
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
-def test_kill_and_resume_matches_uninterrupted(tiny_dir, tmp_path):
-    extra = ["--epochs", "3", "--data-dir", str(tiny_dir)]
+@pytest.mark.parametrize("script", ["simclr.py", "byol.py"])  # BYOL: the target network must come back too
+def test_kill_and_resume_matches_uninterrupted(script, tiny_dir, tmp_path):
+    extra = ["--epochs", "3"]
     full = tmp_path / "full"
-    run("simclr.py", tiny_dir, full, *extra)
+    run(script, tiny_dir, full, *extra)
     # the same run, killed (SIGKILL) while it trains epoch 2, then resumed
     part = tmp_path / "part"
-    cmd = [sys.executable, os.path.join(ROOT, "simclr.py"), *TINY, "--out", str(part), *extra]
+    cmd = command(script, tiny_dir, part, *extra)
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          env=dict(os.environ, OMP_NUM_THREADS="2"))
     deadline = time.time() + 300
@@ -67,10 +76,12 @@ def test_kill_and_resume_matches_uninterrupted(tiny_dir, tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert torch.load(part / "checkpoint.pt", weights_only=True)["epoch"] == 1  # killed mid-epoch 2
-    run("simclr.py", tiny_dir, part, *extra, "--resume")
+    run(script, tiny_dir, part, *extra, "--resume")
     a = torch.load(full / "checkpoint.pt", weights_only=True)
     b = torch.load(part / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 3
+    if script == "byol.py":
+        assert any(k.startswith("target.") for k in a["model"])
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     steps = lambda d: [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines() if "step" in x]

@@ -1,0 +1,169 @@
+"""Benchmark the two-view augmentation and one SimCLR step; every ratio is measured side by side in this one run.
+
+    python bench.py                      # CPU (and CUDA when present), 28/64/224 px, C=1 and 3, batch 256
+    python bench.py --sizes 64 --batch 128 --out bench-small.json
+
+Augmentation contenders, each producing two normalized float32 views of every image in the batch:
+  op         torch.ops.medssl.augment (csrc/), one call for the whole batch
+  reference  csrc.augment.augment_reference, batched PyTorch ops
+  tv-loop    torchvision.transforms.v2 applied per image in a Python loop (what a DataLoader worker does)
+GB/s counts the uint8 input read once plus the float32 views written, against a plain tensor copy measured here.
+Results are printed as a table and written to bench.json with the device, threads and torch version.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torchvision.transforms.v2 as T
+
+import common
+import simclr
+from csrc.augment import augment_reference, blur_kernel_size, load_op
+
+
+def timeit(fn, device, repeats, warmup=1):
+    """Median wall time of fn() in seconds, after warmup, synchronizing around each call on CUDA."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, mb=256):
+    """GB/s of dst.copy_(src) (read + write) for a large float tensor on device: the roofline for a memory-bound op."""
+    src = torch.rand(mb * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), device, repeats=5)
+    return 2 * src.numel() * 4 / t / 1e9
+
+
+def torchvision_pipeline(size, C, mean, std):
+    """The SimCLR recipe with torchvision's per-image transforms (uint8 tensor in, normalized float out)."""
+    jitter = T.ColorJitter(0.4, 0.4, 0.4, 0.1) if C == 3 else T.ColorJitter(0.4, 0.4)
+    steps = [T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip(),
+             T.RandomApply([jitter], p=0.8)]
+    if C == 3:
+        steps.append(T.RandomGrayscale(p=0.2))
+    steps += [T.RandomApply([T.GaussianBlur(blur_kernel_size(size), (0.1, 2.0))], p=0.5),
+              T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def bench_augment(device, sizes, channels, B, repeats, contenders):
+    rows = []
+    op = load_op()
+    view = common.ViewProbs()
+    for size in sizes:
+        for C in channels:
+            g = torch.Generator().manual_seed(0)
+            images = torch.randint(0, 256, (B, C, size, size), generator=g, dtype=torch.uint8).to(device)
+            params = common.sample_params(B, size, size, C, g, views=(view, view)).to(device)
+            mean, std, k = [0.5] * C, [0.25] * C, blur_kernel_size(size)
+            tv = torchvision_pipeline(size, C, mean, std)
+            fns = {"op": lambda: op(images, params, size, k, mean, std),
+                   "reference": lambda: augment_reference(images, params, size, mean, std, k),
+                   "tv-loop": lambda: [torch.stack([tv(im) for im in images]) for _ in range(2)]}
+            nbytes = images.numel() + 2 * images.numel() * 4  # uint8 in, two float32 views out (same size)
+            res = {}
+            for name in contenders:
+                reps = 1 if (name != "op" and size >= 224) else repeats  # the slow paths at 224 px: one timed call
+                t = timeit(fns[name], device, reps)
+                res[name] = t
+                rows.append({"device": device.type, "size": size, "channels": C, "batch": B, "impl": name,
+                             "us_per_batch": t * 1e6, "images_per_s": B / t, "views_per_s": 2 * B / t,
+                             "GB_per_s": nbytes / t / 1e9})
+            for r in rows[-len(contenders):]:
+                r["op_speedup"] = r["us_per_batch"] / (res["op"] * 1e6)
+    return rows
+
+
+def bench_step(device, size, B, repeats):
+    """One SimCLR step (ResNet-18, both views in one call) with the op, and the augmentation's share of it."""
+    ds_images = torch.randint(0, 256, (B, 1, size, size), dtype=torch.uint8, device=device)
+    backbone, dim = common.make_backbone("resnet18", 1, size)
+    projector = simclr.Projector(dim, 512, 128)
+    model = torch.nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    view = common.ViewProbs()
+
+    def augment():
+        params = common.sample_params(B, size, size, 1, g, views=(view, view)).to(device, non_blocking=True)
+        return common.augment(ds_images, params, size, [0.5], [0.25])
+
+    def step():
+        x1, x2 = augment()
+        x = torch.cat([x1, x2])
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            z = projector(backbone(x))
+        z1, z2 = z.float().chunk(2)
+        loss = simclr.loss_fn(z1, z2, 0.5)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t_step = timeit(step, device, repeats)
+    t_aug = timeit(augment, device, max(repeats, 5))
+    return {"device": device.type, "size": size, "batch": B, "step_s": t_step, "images_per_s": B / t_step,
+            "augment_s": t_aug, "augment_share": t_aug / t_step}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[28, 64, 224])
+    ap.add_argument("--channels", type=int, nargs="+", default=[1, 3])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--step-size", type=int, default=None, help="image side for the SimCLR step (default: 28 CPU, 64 CUDA)")
+    ap.add_argument("--step-batch", type=int, default=256)
+    ap.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    ap.add_argument("--out", default="bench.json")
+    a = ap.parse_args()
+    os.environ["MEDSSL_REQUIRE_OP"] = "1"  # a benchmark of the fallback would be a lie: fail instead
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "cpu": platform.processor() or platform.machine(), "cuda_device": None, "augment": [], "step": [],
+              "copy_GB_per_s": {}}
+    for dev in a.devices:
+        device = torch.device(dev)
+        if dev == "cuda":
+            report["cuda_device"] = torch.cuda.get_device_name()
+        report["copy_GB_per_s"][dev] = copy_bandwidth(device)
+        contenders = ["op", "reference"] + (["tv-loop"] if dev == "cpu" else [])
+        report["augment"] += bench_augment(device, a.sizes, a.channels, a.batch, a.repeats, contenders)
+        step_size = a.step_size or (64 if dev == "cuda" else 28)
+        report["step"].append(bench_step(device, step_size, a.step_batch, max(1, a.repeats // 2 if dev == "cpu" else a.repeats)))
+
+    print(f"torch {report['torch']}, {report['threads']} CPU threads, CUDA device: {report['cuda_device']}")
+    print(f"copy bandwidth GB/s: " + ", ".join(f"{d} {v:.1f}" for d, v in report["copy_GB_per_s"].items()))
+    print(f"{'dev':4s} {'px':>4s} {'C':>2s} {'impl':10s} {'us/batch':>12s} {'img/s':>10s} {'views/s':>11s} "
+          f"{'GB/s':>7s} {'% copy':>7s} {'op x':>7s}")
+    for r in report["augment"]:
+        print(f"{r['device']:4s} {r['size']:4d} {r['channels']:2d} {r['impl']:10s} {r['us_per_batch']:12.0f} "
+              f"{r['images_per_s']:10.0f} {r['views_per_s']:11.0f} {r['GB_per_s']:7.2f} "
+              f"{100 * r['GB_per_s'] / report['copy_GB_per_s'][r['device']]:6.1f}% {r['op_speedup']:7.1f}")
+    for s in report["step"]:
+        print(f"SimCLR step ({s['device']}, ResNet-18, {s['size']} px, batch {s['batch']}): {s['step_s'] * 1e3:.1f} ms, "
+              f"{s['images_per_s']:.0f} img/s; augmentation {s['augment_s'] * 1e3:.2f} ms = "
+              f"{100 * s['augment_share']:.1f}% of the step")
+    common.write_json(a.out, report)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""BYOL: "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning",
+Grill, Strub, Altche, Tallec, Richemond, et al., NeurIPS 2020, arXiv 2006.07733.
+
+Loss: L = 2 - 2 cos(p, sg(z')) with p = q(g(f(x1))) from the online network and z' = g'(f'(x2)) from the target
+network (an EMA of the online one), symmetrized over the two views; no negatives.
+
+Run:
+    python byol.py --data pneumonia                   # PneumoniaMNIST 28 px, ResNet-18
+    python byol.py --data breast --size 64 --epochs 50
+    python byol.py --data ../shared/data/chest_xray_224 --size 64 --arch resnet50
+Writes checkpoint.pt (target network included), metrics.jsonl and results.json to runs/byol-<data>-<size>-s<seed>/.
+"""
+import copy
+import dataclasses
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import evaluate
+
+
+# ------------------------------------------------------------------------------------------------ 1. arguments
+@dataclasses.dataclass
+class Args:
+    # common to every method
+    data: str = "pneumonia"  # MedMNIST flag (pneumonia, breast, or e.g. dermamnist) or a folder in the paper's layout
+    size: int = 28  # image side in pixels: picks the MedMNIST file (28, 64, 128, 224) or resizes a folder
+    data_dir: str = ""  # where npz files live / are downloaded / are cached; default $MEDSSL_DATA_DIR or ./data
+    arch: str = "resnet18"  # resnet18 or resnet50 (the paper's)
+    epochs: int = 100  # passes over the training split
+    batch_size: int = 256  # images per step (each gives two views)
+    lr: float = 0.05  # SGD learning rate for a batch of 256, scaled linearly with the batch size
+    weight_decay: float = 5e-4  # L2 on all weights
+    warmup_epochs: int = 1  # linear LR warmup before the cosine decay
+    seed: int = 0  # seeds the model init, the batch order and every augmentation parameter
+    train_subset: int = 0  # use a random N-image subset of the train split (0 = all)
+    eval_every: int = 5  # epochs between kNN scores on the val split
+    out: str = ""  # run folder; default runs/<method>-<data>-<size>-s<seed>
+    resume: bool = False  # continue from <out>/checkpoint.pt
+    # BYOL
+    ema_decay: float = 0.99  # base EMA rate of the target network, raised to 1 on a cosine schedule (paper: 0.996)
+    proj_hidden: int = 1024  # projector and predictor hidden width (paper: 4096)
+    proj_dim: int = 256  # projector and predictor output width (the paper's)
+
+
+METHOD = "byol"
+VIEWS = (common.ViewProbs(jitter=0.8, gray=0.2, blur=1.0, solarize=0.0),  # the paper's asymmetric views: always
+         common.ViewProbs(jitter=0.8, gray=0.2, blur=0.1, solarize=0.2))  # blur the first, sometimes solarize the 2nd
+
+
+# ------------------------------------------------------------------------------------------------ 2. method
+class Projector(nn.Module):
+    """g(h) and the predictor q(z) share this shape: Linear-BN-ReLU-Linear."""
+
+    def __init__(self, dim, hidden, out):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, out))
+
+    def forward(self, h):
+        return self.net(h)
+
+
+Predictor = Projector  # q: the online network's extra head, which makes it asymmetric with the target
+
+
+def loss_fn(p, z):
+    """2 - 2 cos(p, z), averaged over the batch. p: (B, d) online predictions; z: (B, d) target projections."""
+    return (2 - 2 * F.cosine_similarity(p, z, dim=1)).mean()
+
+
+def ema_rate(step, total_steps, base):
+    """tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2: from the base rate at step 0 up to 1 at the end."""
+    return 1 - (1 - base) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(target, online, tau):
+    """xi <- tau xi + (1 - tau) theta for every parameter; buffers (BN running stats) are copied."""
+    for t, o in zip(target.parameters(), online.parameters()):
+        t.mul_(tau).add_(o.detach(), alpha=1 - tau)
+    for t, o in zip(target.buffers(), online.buffers()):
+        t.copy_(o)
+
+
+# ------------------------------------------------------------------------------------------------ 3. setup
+def main(args):
+    device = common.get_device()
+    out = common.run_dir(args, METHOD)
+    os.makedirs(out, exist_ok=True)
+    ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # CPU stream for batch order and augmentation params
+
+    ds = common.load_dataset(args.data, args.size, args.data_dir or None, args.seed, device)
+    if args.train_subset:
+        common.take_subset(ds, args.train_subset, args.seed)
+    images = ds["train"][0]  # uint8 (N, C, H, W), all of it on the device: batches are index slices
+    N, C, H, W = images.shape
+    mean, std = common.channel_stats(images)
+    B = min(args.batch_size, N)
+    steps = N // B  # drop the ragged last batch: BN and the loss want full batches
+
+    backbone, dim = common.make_backbone(args.arch, C, args.size)
+    projector = Projector(dim, args.proj_hidden, args.proj_dim)
+    predictor = Predictor(args.proj_dim, args.proj_hidden, args.proj_dim)
+    online = nn.ModuleDict({"backbone": backbone, "projector": projector})  # the part the target tracks
+    target = copy.deepcopy(online).requires_grad_(False)  # trained by ema_update only, never by gradients
+    model = nn.ModuleDict({"backbone": backbone, "projector": projector, "predictor": predictor,
+                           "target": target}).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    trained = [p for name, p in model.named_parameters() if not name.startswith("target.")]
+    optimizer = torch.optim.SGD(trained, lr=args.lr * B / 256, momentum=0.9, weight_decay=args.weight_decay)
+    scheduler = common.warmup_cosine(optimizer, args.warmup_epochs * steps, args.epochs * steps)
+
+    start = 0
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = common.load_checkpoint(ckpt_path, device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        gen.set_state(ckpt["gen"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start = ckpt["epoch"]
+        print(f"resumed from {ckpt_path} at epoch {start}")
+    common.trim_log(log_path, start) if args.resume else open(log_path, "w").close()
+
+    # -------------------------------------------------------------------------------------------- 4. training loop
+    bar = tqdm(total=args.epochs * steps, initial=start * steps, desc=METHOD, unit="step")
+    for epoch in range(start, args.epochs):
+        model.train()
+        perm = torch.randperm(N, generator=gen).to(device)
+        for step in range(steps):
+            t0 = time.perf_counter()
+            idx = perm[step * B:(step + 1) * B]
+            params = common.sample_params(len(idx), H, W, C, gen, views=VIEWS).to(device, non_blocking=True)
+            x1, x2 = common.augment(images[idx], params, args.size, mean, std)  # each (B, C, S, S) float32
+            x = torch.cat([x1, x2])  # both views through the backbone in one call: (2B, C, S, S)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                h = backbone(x)  # (2B, dim) representation
+                z = projector(h)  # (2B, proj_dim) projection
+                p = predictor(z)  # (2B, proj_dim) prediction of the target's projection
+                with torch.no_grad():  # stop-gradient: the target only provides regression targets
+                    z_t = target["projector"](target["backbone"](x))  # (2B, proj_dim)
+            p1, p2 = p.float().chunk(2)
+            z1, z2 = z_t.float().chunk(2)
+            loss = loss_fn(p1, z2) + loss_fn(p2, z1)  # each view predicts the other view's target projection
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            tau = ema_rate(epoch * steps + step, args.epochs * steps, args.ema_decay)
+            ema_update(target, online, tau)
+
+            loss_value = loss.item()  # one host sync per step, for the log and the NaN guard
+            if not torch.isfinite(torch.tensor(loss_value)):
+                kept = f"the last good checkpoint (epoch {epoch}) is {ckpt_path}" if epoch else "no checkpoint yet"
+                raise SystemExit(f"{METHOD}: loss is {loss_value} at epoch {epoch + 1} step {step + 1}; stopped, "
+                                 f"{kept}. Try a lower --lr.")
+            # collapse monitor: std over the batch of the unit-norm projection, ~1/sqrt(d) when healthy, 0 if collapsed
+            z_std = F.normalize(z.detach().float(), dim=1).std(0).mean().item()
+            img_per_s = len(idx) / (time.perf_counter() - t0)
+            common.log_jsonl(log_path, {"epoch": epoch, "step": epoch * steps + step, "train/loss": loss_value,
+                                        "train/lr": scheduler.get_last_lr()[0], "train/img_per_s": img_per_s,
+                                        "train/z_std": z_std})
+            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{img_per_s:.0f}", epoch=epoch + 1)
+            bar.update()
+
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            knn = evaluate.knn_eval(backbone, ds, mean, std, "val")
+            common.log_jsonl(log_path, {"epoch": epoch, "val/knn_acc": knn["acc"], "val/knn_auc": knn["auc"]})
+            bar.write(f"epoch {epoch + 1}: val kNN acc {knn['acc']:.4f} auc {knn['auc']:.4f}")
+        common.save_checkpoint(ckpt_path, {
+            "method": METHOD, "args": dataclasses.asdict(args), "epoch": epoch + 1, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "gen": gen.get_state(), "torch_rng": torch.get_rng_state()})
+    bar.close()
+
+    # -------------------------------------------------------------------------------------------- 5. evaluation
+    results = {"method": METHOD, "data": args.data, "size": args.size, "epochs": args.epochs,
+               **evaluate.evaluate(backbone, ds, mean, std)}
+    evaluate.print_table({f"{METHOD} ({ds['name']}, {args.size}px)": results})
+    common.write_json(os.path.join(out, "results.json"), results)
+    return results
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args))

@@ -1,0 +1,185 @@
+"""SimSiam: "Exploring Simple Siamese Representation Learning", Chen, He, CVPR 2021, arXiv 2011.10566.
+
+Loss: L = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2 with D(p, z) = -cos(p, z), p = h(z) the predictor's output and
+sg the stop-gradient; no negatives, no momentum encoder: the stop-gradient alone prevents collapse.
+
+Run:
+    python simsiam.py --data pneumonia                # PneumoniaMNIST 28 px, ResNet-18
+    python simsiam.py --data breast --size 64 --epochs 50
+    python simsiam.py --data ../shared/data/chest_xray_224 --size 64 --arch resnet50
+Writes checkpoint.pt, metrics.jsonl and results.json to runs/simsiam-<data>-<size>-s<seed>/ (see --out).
+"""
+import dataclasses
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import evaluate
+
+
+# ------------------------------------------------------------------------------------------------ 1. arguments
+@dataclasses.dataclass
+class Args:
+    # common to every method
+    data: str = "pneumonia"  # MedMNIST flag (pneumonia, breast, or e.g. dermamnist) or a folder in the paper's layout
+    size: int = 28  # image side in pixels: picks the MedMNIST file (28, 64, 128, 224) or resizes a folder
+    data_dir: str = ""  # where npz files live / are downloaded / are cached; default $MEDSSL_DATA_DIR or ./data
+    arch: str = "resnet18"  # resnet18 or resnet50 (the paper's)
+    epochs: int = 100  # passes over the training split
+    batch_size: int = 256  # images per step (each gives two views)
+    lr: float = 0.05  # SGD learning rate for a batch of 256, scaled linearly with the batch size
+    weight_decay: float = 5e-4  # L2 on all weights
+    warmup_epochs: int = 1  # linear LR warmup before the cosine decay
+    seed: int = 0  # seeds the model init, the batch order and every augmentation parameter
+    train_subset: int = 0  # use a random N-image subset of the train split (0 = all)
+    eval_every: int = 5  # epochs between kNN scores on the val split
+    out: str = ""  # run folder; default runs/<method>-<data>-<size>-s<seed>
+    resume: bool = False  # continue from <out>/checkpoint.pt
+    # SimSiam
+    proj_dim: int = 512  # projector hidden and output width (paper: 2048 for ResNet-50; 512 = ResNet-18's width)
+    pred_hidden: int = 128  # predictor bottleneck width, proj_dim / 4 as in the paper
+    fix_pred_lr: bool = True  # keep the predictor's LR constant instead of decaying it (the paper's choice)
+
+
+METHOD = "simsiam"
+VIEWS = (common.ViewProbs(jitter=0.8, gray=0.2, blur=0.5, solarize=0.0),) * 2  # SimCLR's views, as the paper
+
+
+# ------------------------------------------------------------------------------------------------ 2. method
+class Projector(nn.Module):
+    """g(h): Linear-BN-ReLU-Linear-BN; BN on the output (no affine) as in the paper's CIFAR/ImageNet code."""
+
+    def __init__(self, dim, out):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, out, bias=False), nn.BatchNorm1d(out), nn.ReLU(inplace=True),
+                                 nn.Linear(out, out, bias=False), nn.BatchNorm1d(out, affine=False))
+
+    def forward(self, h):
+        return self.net(h)
+
+
+class Predictor(nn.Module):
+    """p = q(z): a bottleneck MLP, Linear-BN-ReLU-Linear (out -> out/4 -> out)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, dim))
+
+    def forward(self, z):
+        return self.net(z)
+
+
+def loss_fn(p, z):
+    """D(p, z) = -cos(p, sg(z)), averaged over the batch. The stop-gradient is here, where the loss is defined:
+    z is treated as a constant target, which is what keeps SimSiam from collapsing to a constant output."""
+    return -F.cosine_similarity(p, z.detach(), dim=1).mean()
+
+
+# ------------------------------------------------------------------------------------------------ 3. setup
+def main(args):
+    device = common.get_device()
+    out = common.run_dir(args, METHOD)
+    os.makedirs(out, exist_ok=True)
+    ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # CPU stream for batch order and augmentation params
+
+    ds = common.load_dataset(args.data, args.size, args.data_dir or None, args.seed, device)
+    if args.train_subset:
+        common.take_subset(ds, args.train_subset, args.seed)
+    images = ds["train"][0]  # uint8 (N, C, H, W), all of it on the device: batches are index slices
+    N, C, H, W = images.shape
+    mean, std = common.channel_stats(images)
+    B = min(args.batch_size, N)
+    steps = N // B  # drop the ragged last batch: BN and the loss want full batches
+
+    backbone, dim = common.make_backbone(args.arch, C, args.size)
+    projector = Projector(dim, args.proj_dim)
+    predictor = Predictor(args.proj_dim, args.pred_hidden)
+    model = nn.ModuleDict({"backbone": backbone, "projector": projector, "predictor": predictor}).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    groups = [{"params": list(backbone.parameters()) + list(projector.parameters())},
+              {"params": list(predictor.parameters())}]  # group 1: the predictor, whose LR may stay fixed
+    optimizer = torch.optim.SGD(groups, lr=args.lr * B / 256, momentum=0.9, weight_decay=args.weight_decay)
+    scheduler = common.warmup_cosine(optimizer, args.warmup_epochs * steps, args.epochs * steps,
+                                     fixed_groups=(1,) if args.fix_pred_lr else ())
+
+    start = 0
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = common.load_checkpoint(ckpt_path, device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        gen.set_state(ckpt["gen"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start = ckpt["epoch"]
+        print(f"resumed from {ckpt_path} at epoch {start}")
+    common.trim_log(log_path, start) if args.resume else open(log_path, "w").close()
+
+    # -------------------------------------------------------------------------------------------- 4. training loop
+    bar = tqdm(total=args.epochs * steps, initial=start * steps, desc=METHOD, unit="step")
+    for epoch in range(start, args.epochs):
+        model.train()
+        perm = torch.randperm(N, generator=gen).to(device)
+        for step in range(steps):
+            t0 = time.perf_counter()
+            idx = perm[step * B:(step + 1) * B]
+            params = common.sample_params(len(idx), H, W, C, gen, views=VIEWS).to(device, non_blocking=True)
+            x1, x2 = common.augment(images[idx], params, args.size, mean, std)  # each (B, C, S, S) float32
+            x = torch.cat([x1, x2])  # both views through the backbone in one call: (2B, C, S, S)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                h = backbone(x)  # (2B, dim) representation
+                z = projector(h)  # (2B, proj_dim) projection
+                p = predictor(z)  # (2B, proj_dim) prediction of the other view's projection
+            z1, z2 = z.float().chunk(2)
+            p1, p2 = p.float().chunk(2)
+            loss = loss_fn(p1, z2) / 2 + loss_fn(p2, z1) / 2  # symmetrized; loss_fn stops the gradient through z
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+
+            loss_value = loss.item()  # one host sync per step, for the log and the NaN guard
+            if not torch.isfinite(torch.tensor(loss_value)):
+                kept = f"the last good checkpoint (epoch {epoch}) is {ckpt_path}" if epoch else "no checkpoint yet"
+                raise SystemExit(f"{METHOD}: loss is {loss_value} at epoch {epoch + 1} step {step + 1}; stopped, "
+                                 f"{kept}. Try a lower --lr.")
+            # collapse monitor: std over the batch of the unit-norm projection, ~1/sqrt(d) when healthy, 0 if collapsed
+            z_std = F.normalize(z.detach().float(), dim=1).std(0).mean().item()
+            img_per_s = len(idx) / (time.perf_counter() - t0)
+            common.log_jsonl(log_path, {"epoch": epoch, "step": epoch * steps + step, "train/loss": loss_value,
+                                        "train/lr": scheduler.get_last_lr()[0], "train/img_per_s": img_per_s,
+                                        "train/z_std": z_std})
+            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{img_per_s:.0f}", epoch=epoch + 1)
+            bar.update()
+
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            knn = evaluate.knn_eval(backbone, ds, mean, std, "val")
+            common.log_jsonl(log_path, {"epoch": epoch, "val/knn_acc": knn["acc"], "val/knn_auc": knn["auc"]})
+            bar.write(f"epoch {epoch + 1}: val kNN acc {knn['acc']:.4f} auc {knn['auc']:.4f}")
+        common.save_checkpoint(ckpt_path, {
+            "method": METHOD, "args": dataclasses.asdict(args), "epoch": epoch + 1, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "gen": gen.get_state(), "torch_rng": torch.get_rng_state()})
+    bar.close()
+
+    # -------------------------------------------------------------------------------------------- 5. evaluation
+    results = {"method": METHOD, "data": args.data, "size": args.size, "epochs": args.epochs,
+               **evaluate.evaluate(backbone, ds, mean, std)}
+    evaluate.print_table({f"{METHOD} ({ds['name']}, {args.size}px)": results})
+    common.write_json(os.path.join(out, "results.json"), results)
+    return results
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args))
