@@ -33,7 +33,7 @@ class Args:
     arch: str = "resnet18"  # resnet18 or resnet50 (the paper's)
     epochs: int = 100  # passes over the training split
     batch_size: int = 256  # images per step (each gives two views)
-    lr: float = 0.05  # SGD learning rate for a batch of 256, scaled linearly with the batch size
+    lr: float = 5e-4  # SGD learning rate for a batch of 256, scaled linearly (the loss is ~D in size: small LR)
     weight_decay: float = 1e-4  # L2 on all weights
     warmup_epochs: int = 1  # linear LR warmup before the cosine decay
     seed: int = 0  # seeds the model init, the batch order and every augmentation parameter

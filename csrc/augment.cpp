@@ -44,16 +44,25 @@ Norm check_inputs(const at::Tensor& images, const at::Tensor& params, int64_t si
   return n;
 }
 
+// Per-thread scratch, allocated once per parallel chunk rather than once per view.
+struct Scratch {
+  std::vector<float> buf, mid, wx, taps, pad;
+  std::vector<int> x0, x1;
+  Scratch(int C, int S, int K) : buf(C * S * S), mid(C * S * S), wx(S), taps(K), pad(S + K), x0(S), x1(S) {}
+};
+
 // One view: crop+resize+flip+brightness (and the contrast mean) -> colour -> blur -> solarize+normalize.
-// `buf` and `tmp` are C*S*S scratch floats owned by the calling thread.
+// Inner loops run along rows with unit stride so the compiler can vectorize the blur and the final pass.
 template <int C>
-void augment_view(const uint8_t* img, int H, int W, const float* p, int S, int K, const Norm& norm, float* buf,
-                  float* tmp, float* out) {
+void augment_view(const uint8_t* img, int H, int W, const float* p, int S, int K, const Norm& norm, Scratch& s,
+                  float* out) {
   const int top = (int)p[TOP], left = (int)p[LEFT], h = (int)p[HEIGHT], w = (int)p[WIDTH];
   const bool flip = p[FLIP] > 0.5f, jitter = p[JITTER] > 0.5f;
   const float bright = jitter ? p[BRIGHT] : 1.f;
-  std::vector<int> x0(S), x1(S);
-  std::vector<float> wx(S);
+  int* x0 = s.x0.data();
+  int* x1 = s.x1.data();
+  float* wx = s.wx.data();
+  float* buf = s.buf.data();
   for (int x = 0; x < S; ++x) resize_tap(flip ? S - 1 - x : x, left, w, S, x0[x], x1[x], wx[x]);
   double lum_sum = 0.0;
   const int HW = H * W, SS = S * S;
@@ -61,54 +70,88 @@ void augment_view(const uint8_t* img, int H, int W, const float* p, int S, int K
     int y0, y1;
     float wy;
     resize_tap(y, top, h, S, y0, y1, wy);
+    float row_lum = 0.f;
     for (int x = 0; x < S; ++x) {
       float v[3];
       for (int c = 0; c < C; ++c) {
-        const uint8_t* ch = img + c * HW;
-        float a = ch[y0 * W + x0[x]] * (1.f - wy) + ch[y1 * W + x0[x]] * wy;  // rows first, as the reference
-        float b = ch[y0 * W + x1[x]] * (1.f - wy) + ch[y1 * W + x1[x]] * wy;
+        const uint8_t* r0 = img + c * HW + y0 * W;
+        const uint8_t* r1 = img + c * HW + y1 * W;
+        float a = r0[x0[x]] * (1.f - wy) + r1[x0[x]] * wy;  // rows first, as the reference
+        float b = r0[x1[x]] * (1.f - wy) + r1[x1[x]] * wy;
         v[c] = (a * (1.f - wx[x]) + b * wx[x]) / 255.f;
         if (jitter) v[c] = clamp01(v[c] * bright);
         buf[c * SS + y * S + x] = v[c];
       }
-      lum_sum += C == 3 ? LUMA_R * v[0] + LUMA_G * v[1] + LUMA_B * v[2] : v[0];
+      row_lum += C == 3 ? LUMA_R * v[0] + LUMA_G * v[1] + LUMA_B * v[2] : v[0];
     }
+    lum_sum += row_lum;
   }
   const float mean = (float)(lum_sum / SS);
-  if (jitter || (C == 3 && p[GRAY] > 0.5f)) {
+  if (jitter && C == 1) {  // gray images: only the contrast step is not a no-op
+    const float c = p[CONTRAST];
+#pragma omp simd
+    for (int i = 0; i < SS; ++i) buf[i] = clamp01(c * buf[i] + (1.f - c) * mean);
+  } else if (C == 3 && (jitter || p[GRAY] > 0.5f)) {
+    // the same steps as colour<3> in augment.h, with the flags hoisted out so the pixel loop vectorizes
+    const float c = p[CONTRAST], sat = p[SAT], hue = p[HUE];
+    const bool gray = p[GRAY] > 0.5f;
+    float* R = buf;
+    float* G = buf + SS;
+    float* Bl = buf + 2 * SS;
+#pragma omp simd
     for (int i = 0; i < SS; ++i) {
-      float v[3];
-      for (int c = 0; c < C; ++c) v[c] = buf[c * SS + i];
-      colour<C>(v, p, mean);
-      for (int c = 0; c < C; ++c) buf[c * SS + i] = v[c];
+      float r = R[i], g = G[i], b = Bl[i];
+      if (jitter) {
+        r = clamp01(c * r + (1.f - c) * mean);
+        g = clamp01(c * g + (1.f - c) * mean);
+        b = clamp01(c * b + (1.f - c) * mean);
+        const float l = LUMA_R * r + LUMA_G * g + LUMA_B * b;
+        r = clamp01(sat * r + (1.f - sat) * l);
+        g = clamp01(sat * g + (1.f - sat) * l);
+        b = clamp01(sat * b + (1.f - sat) * l);
+        const Rgb o = shift_hue(r, g, b, hue);
+        r = o.r;
+        g = o.g;
+        b = o.b;
+      }
+      if (gray) r = g = b = LUMA_R * r + LUMA_G * g + LUMA_B * b;
+      R[i] = r;
+      G[i] = g;
+      Bl[i] = b;
     }
   }
   const bool sol = p[SOLARIZE] > 0.5f;
   if (p[BLUR] > 0.5f) {
     const int r = K / 2;
-    std::vector<float> k(K);
+    float* k = s.taps.data();
     float total = 0.f;
     for (int i = 0; i < K; ++i) {
       float t = (float)(i - r) / p[SIGMA];
       k[i] = std::exp(-0.5f * t * t);
       total += k[i];
     }
-    for (auto& v : k) v /= total;
+    for (int i = 0; i < K; ++i) k[i] /= total;
+    float* pad = s.pad.data();
     for (int c = 0; c < C; ++c) {
       const float* src = buf + c * SS;
-      float* mid = tmp + c * SS;
-      for (int y = 0; y < S; ++y)  // horizontal pass
-        for (int x = 0; x < S; ++x) {
-          float acc = 0.f;
-          for (int i = 0; i < K; ++i) acc += k[i] * src[y * S + reflect(x + i - r, S)];
-          mid[y * S + x] = acc;
+      float* mid = s.mid.data() + c * SS;
+      for (int y = 0; y < S; ++y) {  // horizontal pass: reflect-pad the row once, then a plain 1-D convolution
+        const float* row = src + y * S;
+        for (int x = -r; x < S + r; ++x) pad[x + r] = row[reflect(x, S)];
+        float* dst = mid + y * S;
+        for (int x = 0; x < S; ++x) dst[x] = 0.f;
+        for (int i = 0; i < K; ++i)
+          for (int x = 0; x < S; ++x) dst[x] += k[i] * pad[x + i];
+      }
+      for (int y = 0; y < S; ++y) {  // vertical pass as weighted sums of whole rows, then solarize + normalize
+        float* dst = out + c * SS + y * S;
+        for (int x = 0; x < S; ++x) dst[x] = 0.f;
+        for (int i = 0; i < K; ++i) {
+          const float* row = mid + reflect(y + i - r, S) * S;
+          for (int x = 0; x < S; ++x) dst[x] += k[i] * row[x];
         }
-      for (int y = 0; y < S; ++y)  // vertical pass, fused with solarize + normalize
-        for (int x = 0; x < S; ++x) {
-          float acc = 0.f;
-          for (int i = 0; i < K; ++i) acc += k[i] * mid[reflect(y + i - r, S) * S + x];
-          out[c * SS + y * S + x] = finish(acc, sol, norm, c);
-        }
+        for (int x = 0; x < S; ++x) dst[x] = finish(dst[x], sol, norm, c);
+      }
     }
   } else {
     for (int c = 0; c < C; ++c)
@@ -127,15 +170,15 @@ at::Tensor augment_cpu(const at::Tensor& images, const at::Tensor& params, int64
   const float* prm = params.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const int64_t view_elems = C * size * size;
-  // one task per view; each thread brings its own scratch (2 x C x S x S floats, L2-sized for S <= 224)
+  // one task per view, chunked over threads (needs -fopenmp, see load_op); each chunk owns its scratch
   at::parallel_for(0, V * B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(view_elems), tmp(view_elems);
+    Scratch scratch((int)C, S, K);
     for (int64_t m = begin; m < end; ++m) {
       const uint8_t* src = img + (m % B) * C * H * W;  // view v of image b is row m = v * B + b
       if (C == 1)
-        augment_view<1>(src, (int)H, (int)W, prm + m * P, S, K, norm, buf.data(), tmp.data(), dst + m * view_elems);
+        augment_view<1>(src, (int)H, (int)W, prm + m * P, S, K, norm, scratch, dst + m * view_elems);
       else
-        augment_view<3>(src, (int)H, (int)W, prm + m * P, S, K, norm, buf.data(), tmp.data(), dst + m * view_elems);
+        augment_view<3>(src, (int)H, (int)W, prm + m * P, S, K, norm, scratch, dst + m * view_elems);
     }
   });
   return out;

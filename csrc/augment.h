@@ -39,32 +39,34 @@ MEDSSL_HD void resize_tap(int d, int start, int len, int out, int& i0, int& i1, 
 // Reflect padding without repeating the edge (torch 'reflect'): -1 -> 1, n -> n - 2. Needs |overhang| < n.
 MEDSSL_HD int reflect(int i, int n) { return i < 0 ? -i : (i >= n ? 2 * (n - 1) - i : i); }
 
-// Hue rotation by `turns` through the hexcone HSV model; r, g, b in [0, 1], modified in place.
-MEDSSL_HD void shift_hue(float& r, float& g, float& b, float turns) {
-  float v = fmaxf(r, fmaxf(g, b));
-  float lo = fminf(r, fminf(g, b));
-  float chroma = v - lo;
-  bool flat = chroma == 0.f;
-  float s = chroma / (flat ? 1.f : v);
-  float d = flat ? 1.f : chroma;
-  float h = (v == r) ? (g - b) / d : ((v == g) ? 2.f + (b - r) / d : 4.f + (r - g) / d);
-  if (flat) h = 0.f;
-  h = h / 6.f + 1.f;
+// One channel of HSV -> RGB: v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6, n = 5, 3, 1 for R, G, B.
+MEDSSL_HD float hsv_channel(float n, float h6, float v, float vs) {
+  float k = n + h6;
+  k = k - 6.f * floorf(k * (1.f / 6.f));
+  float t = fminf(fmaxf(fminf(k, 4.f - k), 0.f), 1.f);
+  return clamp01(v - vs * t);
+}
+
+// Hue rotation by `turns` through the hexcone HSV model; r, g, b in [0, 1]. Values in, a struct out, no arrays
+// and no early exits, so that a loop over pixels vectorizes (the selects become blends).
+struct Rgb {
+  float r, g, b;
+};
+
+MEDSSL_HD Rgb shift_hue(float r, float g, float b, float turns) {
+  const float v = fmaxf(r, fmaxf(g, b));
+  const float chroma = v - fminf(r, fminf(g, b));
+  const bool flat = chroma == 0.f;  // gray pixel: hue undefined, saturation 0
+  const float s = chroma / (flat ? 1.f : v);
+  const float inv_d = 1.f / (flat ? 1.f : chroma);  // one division, then multiplies (within 1 ulp of dividing)
+  float h = (v == r) ? (g - b) * inv_d : ((v == g) ? 2.f + (b - r) * inv_d : 4.f + (r - g) * inv_d);
+  h = flat ? 0.f : h;
+  h = h * (1.f / 6.f) + 1.f;
   h = h - floorf(h);  // remainder(h, 1) for h >= 0
   h = h + turns;
   h = h - floorf(h);
-  float out[3];
-  const float n[3] = {5.f, 3.f, 1.f};
-  for (int c = 0; c < 3; ++c) {
-    float k = n[c] + h * 6.f;
-    k = k - 6.f * floorf(k / 6.f);
-    float t = fminf(k, 4.f - k);
-    t = t < 0.f ? 0.f : (t > 1.f ? 1.f : t);
-    out[c] = clamp01(v - v * s * t);
-  }
-  r = out[0];
-  g = out[1];
-  b = out[2];
+  const float h6 = h * 6.f, vs = v * s;
+  return {hsv_channel(5.f, h6, v, vs), hsv_channel(3.f, h6, v, vs), hsv_channel(1.f, h6, v, vs)};
 }
 
 // Colour steps after brightness, for one pixel of C channels (x[c]); `mean` is the view's contrast mean.
@@ -77,7 +79,10 @@ MEDSSL_HD void colour(float* x, const float* p, float mean) {
       float s = p[SAT];
       float gray = LUMA_R * x[0] + LUMA_G * x[1] + LUMA_B * x[2];
       for (int k = 0; k < C; ++k) x[k] = clamp01(s * x[k] + (1.f - s) * gray);
-      shift_hue(x[0], x[1], x[2], p[HUE]);
+      const Rgb o = shift_hue(x[0], x[1], x[2], p[HUE]);
+      x[0] = o.r;
+      x[1] = o.g;
+      x[2] = o.b;
     }
   }
   if (C == 3 && p[GRAY] > 0.5f) {
