@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "augment.h"
@@ -48,7 +49,8 @@ Norm check_inputs(const at::Tensor& images, const at::Tensor& params, int64_t si
 struct Scratch {
   std::vector<float> buf, mid, wx, taps, pad;
   std::vector<int> x0, x1;
-  Scratch(int C, int S, int K) : buf(C * S * S), mid(C * S * S), wx(S), taps(K), pad(S + K), x0(S), x1(S) {}
+  Scratch(int C, int S, int K, int W)
+      : buf(C * S * S), mid(C * S * S), wx(S), taps(K), pad(std::max(S + K, W)), x0(S), x1(S) {}
 };
 
 // One view: crop+resize+flip+brightness (and the contrast mean) -> colour -> blur -> solarize+normalize.
@@ -64,35 +66,46 @@ void augment_view(const uint8_t* img, int H, int W, const float* p, int S, int K
   float* wx = s.wx.data();
   float* buf = s.buf.data();
   for (int x = 0; x < S; ++x) resize_tap(flip ? S - 1 - x : x, left, w, S, x0[x], x1[x], wx[x]);
-  double lum_sum = 0.0;
+  // crop + resize, rows first as the reference: blend the two source rows of each output row into a float row
+  // of the crop window (unit stride, vectorizes), then gather the two taps of each output column from it
   const int HW = H * W, SS = S * S;
-  for (int y = 0; y < S; ++y) {
-    int y0, y1;
-    float wy;
-    resize_tap(y, top, h, S, y0, y1, wy);
-    float row_lum = 0.f;
-    for (int x = 0; x < S; ++x) {
-      float v[3];
-      for (int c = 0; c < C; ++c) {
-        const uint8_t* r0 = img + c * HW + y0 * W;
-        const uint8_t* r1 = img + c * HW + y1 * W;
-        float a = r0[x0[x]] * (1.f - wy) + r1[x0[x]] * wy;  // rows first, as the reference
-        float b = r0[x1[x]] * (1.f - wy) + r1[x1[x]] * wy;
-        v[c] = (a * (1.f - wx[x]) + b * wx[x]) / 255.f;
-        if (jitter) v[c] = clamp01(v[c] * bright);
-        buf[c * SS + y * S + x] = v[c];
+  float* win = s.pad.data();  // w <= W floats (pad holds max(S + K, W))
+  for (int c = 0; c < C; ++c) {
+    for (int y = 0; y < S; ++y) {
+      int y0, y1;
+      float wy;
+      resize_tap(y, top, h, S, y0, y1, wy);
+      const uint8_t* r0 = img + c * HW + y0 * W + left;
+      const uint8_t* r1 = img + c * HW + y1 * W + left;
+#pragma omp simd
+      for (int j = 0; j < w; ++j) win[j] = (float)r0[j] * (1.f - wy) + (float)r1[j] * wy;
+      float* dst = buf + c * SS + y * S;
+#pragma omp simd
+      for (int x = 0; x < S; ++x) {
+        float v = (win[x0[x] - left] * (1.f - wx[x]) + win[x1[x] - left] * wx[x]) / 255.f;
+        dst[x] = jitter ? clamp01(v * bright) : v;
       }
-      row_lum += C == 3 ? LUMA_R * v[0] + LUMA_G * v[1] + LUMA_B * v[2] : v[0];
     }
-    lum_sum += row_lum;
+  }
+  double lum_sum = 0.0;  // the contrast mean: luma of the view after brightness, as the reference
+  for (int y = 0; y < S; ++y) {
+    float row = 0.f;
+    const float* R = buf + y * S;
+    if (C == 3) {
+      const float* G = R + SS;
+      const float* Bl = R + 2 * SS;
+      for (int x = 0; x < S; ++x) row += luma(R[x], G[x], Bl[x]);
+    } else {
+      for (int x = 0; x < S; ++x) row += R[x];
+    }
+    lum_sum += row;
   }
   const float mean = (float)(lum_sum / SS);
   if (jitter && C == 1) {  // gray images: only the contrast step is not a no-op
     const float c = p[CONTRAST];
 #pragma omp simd
-    for (int i = 0; i < SS; ++i) buf[i] = clamp01(c * buf[i] + (1.f - c) * mean);
+    for (int i = 0; i < SS; ++i) buf[i] = contrast1(buf[i], c, mean);
   } else if (C == 3 && (jitter || p[GRAY] > 0.5f)) {
-    // the same steps as colour<3> in augment.h, with the flags hoisted out so the pixel loop vectorizes
     const float c = p[CONTRAST], sat = p[SAT], hue = p[HUE];
     const bool gray = p[GRAY] > 0.5f;
     float* R = buf;
@@ -100,24 +113,11 @@ void augment_view(const uint8_t* img, int H, int W, const float* p, int S, int K
     float* Bl = buf + 2 * SS;
 #pragma omp simd
     for (int i = 0; i < SS; ++i) {
-      float r = R[i], g = G[i], b = Bl[i];
-      if (jitter) {
-        r = clamp01(c * r + (1.f - c) * mean);
-        g = clamp01(c * g + (1.f - c) * mean);
-        b = clamp01(c * b + (1.f - c) * mean);
-        const float l = LUMA_R * r + LUMA_G * g + LUMA_B * b;
-        r = clamp01(sat * r + (1.f - sat) * l);
-        g = clamp01(sat * g + (1.f - sat) * l);
-        b = clamp01(sat * b + (1.f - sat) * l);
-        const Rgb o = shift_hue(r, g, b, hue);
-        r = o.r;
-        g = o.g;
-        b = o.b;
-      }
-      if (gray) r = g = b = LUMA_R * r + LUMA_G * g + LUMA_B * b;
-      R[i] = r;
-      G[i] = g;
-      Bl[i] = b;
+      Rgb o = jitter ? jitter_rgb(R[i], G[i], Bl[i], c, sat, hue, mean) : Rgb{R[i], G[i], Bl[i]};
+      if (gray) o.r = o.g = o.b = luma(o.r, o.g, o.b);
+      R[i] = o.r;
+      G[i] = o.g;
+      Bl[i] = o.b;
     }
   }
   const bool sol = p[SOLARIZE] > 0.5f;
@@ -172,7 +172,7 @@ at::Tensor augment_cpu(const at::Tensor& images, const at::Tensor& params, int64
   const int64_t view_elems = C * size * size;
   // one task per view, chunked over threads (needs -fopenmp, see load_op); each chunk owns its scratch
   at::parallel_for(0, V * B, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch((int)C, S, K);
+    Scratch scratch((int)C, S, K, (int)W);
     for (int64_t m = begin; m < end; ++m) {
       const uint8_t* src = img + (m % B) * C * H * W;  // view v of image b is row m = v * B + b
       if (C == 1)

@@ -57,7 +57,7 @@ __global__ void augment_kernel(const uint8_t* __restrict__ images, const float* 
       if (jitter) v[c] = clamp01(v[c] * bright);
       dst[c * SS + i] = v[c];
     }
-    lum += C == 3 ? LUMA_R * v[0] + LUMA_G * v[1] + LUMA_B * v[2] : v[0];
+    lum += C == 3 ? luma(v[0], v[1], v[2]) : v[0];
   }
   // block reduction: warp shuffles, then the first warp adds the per-warp sums
   for (int o = 16; o > 0; o >>= 1) lum += __shfl_down_sync(0xffffffff, lum, o);
@@ -71,15 +71,18 @@ __global__ void augment_kernel(const uint8_t* __restrict__ images, const float* 
   __syncthreads();
   const float mean = warp_sums[0] / (float)SS;
 
-  // phase 2: the rest of the colour pipeline, per pixel, in place
-  if (jitter || (C == 3 && p[GRAY] > 0.5f)) {
+  // phase 2: the rest of the colour pipeline, per pixel, in place (same pixel-to-thread map as phase 1)
+  if (jitter && C == 1) {
+    for (int i = threadIdx.x; i < SS; i += blockDim.x) dst[i] = contrast1(dst[i], p[CONTRAST], mean);
+  } else if (C == 3 && (jitter || p[GRAY] > 0.5f)) {
+    const bool gray = p[GRAY] > 0.5f;
     for (int i = threadIdx.x; i < SS; i += blockDim.x) {
-      float v[3];
-#pragma unroll
-      for (int c = 0; c < C; ++c) v[c] = dst[c * SS + i];
-      colour<C>(v, p, mean);
-#pragma unroll
-      for (int c = 0; c < C; ++c) dst[c * SS + i] = v[c];
+      float r = dst[i], g = dst[SS + i], b = dst[2 * SS + i];
+      Rgb o = jitter ? jitter_rgb(r, g, b, p[CONTRAST], p[SAT], p[HUE], mean) : Rgb{r, g, b};
+      if (gray) o.r = o.g = o.b = luma(o.r, o.g, o.b);
+      dst[i] = o.r;
+      dst[SS + i] = o.g;
+      dst[2 * SS + i] = o.b;
     }
   }
 

@@ -69,26 +69,20 @@ MEDSSL_HD Rgb shift_hue(float r, float g, float b, float turns) {
   return {hsv_channel(5.f, h6, v, vs), hsv_channel(3.f, h6, v, vs), hsv_channel(1.f, h6, v, vs)};
 }
 
-// Colour steps after brightness, for one pixel of C channels (x[c]); `mean` is the view's contrast mean.
-template <int C>
-MEDSSL_HD void colour(float* x, const float* p, float mean) {
-  if (p[JITTER] > 0.5f) {
-    float c = p[CONTRAST];
-    for (int k = 0; k < C; ++k) x[k] = clamp01(c * x[k] + (1.f - c) * mean);
-    if (C == 3) {
-      float s = p[SAT];
-      float gray = LUMA_R * x[0] + LUMA_G * x[1] + LUMA_B * x[2];
-      for (int k = 0; k < C; ++k) x[k] = clamp01(s * x[k] + (1.f - s) * gray);
-      const Rgb o = shift_hue(x[0], x[1], x[2], p[HUE]);
-      x[0] = o.r;
-      x[1] = o.g;
-      x[2] = o.b;
-    }
-  }
-  if (C == 3 && p[GRAY] > 0.5f) {
-    float gray = LUMA_R * x[0] + LUMA_G * x[1] + LUMA_B * x[2];
-    x[0] = x[1] = x[2] = gray;
-  }
+// Colour jitter after brightness, for one RGB pixel: contrast (towards the view's luma mean), saturation (towards
+// the pixel's luma), hue. Gray images only take the contrast step (contrast1). Both kernels call these from pixel
+// loops whose flags are hoisted, so the loops stay branch-free and vectorize.
+MEDSSL_HD float luma(float r, float g, float b) { return LUMA_R * r + LUMA_G * g + LUMA_B * b; }
+
+MEDSSL_HD float contrast1(float x, float c, float mean) { return clamp01(c * x + (1.f - c) * mean); }
+
+MEDSSL_HD Rgb jitter_rgb(float r, float g, float b, float c, float sat, float hue, float mean) {
+  r = contrast1(r, c, mean);
+  g = contrast1(g, c, mean);
+  b = contrast1(b, c, mean);
+  const float l = luma(r, g, b);
+  return shift_hue(clamp01(sat * r + (1.f - sat) * l), clamp01(sat * g + (1.f - sat) * l),
+                   clamp01(sat * b + (1.f - sat) * l), hue);
 }
 
 MEDSSL_HD float finish(float v, bool solarize, const Norm& norm, int c) {
