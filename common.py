@@ -4,9 +4,11 @@ checkpoints and logging. Nothing method-specific lives here: the losses, heads a
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import urllib.request
@@ -23,18 +25,18 @@ from csrc.augment import augment, blur_kernel_size  # noqa: F401  (re-exported f
 
 # ------------------------------------------------------------------------------------------------ args
 def parse_args(cls, argv=None):
-    """A dataclass -> argparse bridge: every field becomes --field-name with the field's type and default."""
+    """A dataclass -> argparse bridge: every field becomes --field-name with its type, default, and as help the
+    comment that follows it in the source (so the Args class stays the one place that documents an option)."""
     parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), flags=re.M))
     for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        flag = "--" + f.name.replace("_", "-")
+        flag, doc = "--" + f.name.replace("_", "-"), f"{comments.get(f.name, '')} (default: {f.default})"
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=typ, default=f.default, help=f"(default: {f.default})")
+            parser.add_argument(flag, type=typ, default=f.default, help=doc)
     return cls(**vars(parser.parse_args(argv)))
 
 
