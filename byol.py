@@ -126,8 +126,8 @@ def main(args):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        gen.set_state(ckpt["gen"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        gen.set_state(ckpt["gen"].cpu())  # RNG states are CPU tensors even when the model is on a GPU
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
         start = ckpt["epoch"]
         print(f"resumed from {ckpt_path} at epoch {start}")
     common.trim_log(log_path, start) if args.resume else open(log_path, "w").close()

@@ -126,24 +126,42 @@ def knn_eval(backbone, ds, mean, std, split="val"):
     return metrics(yte, probs)
 
 
-def evaluate(backbone, ds, mean, std):
-    """Both frozen-feature protocols on the test split: {'knn': {...}, 'linear': {... , 'wd': chosen L2}}."""
+def label_subset(y, fraction, seed):
+    """Indices of a seeded, stratified `fraction` of the labels y: round(fraction * n_c) per class, at least one."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction {fraction}: expected 0 < fraction <= 1")
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in y.unique().tolist():
+        idx = torch.nonzero(y.cpu() == c).flatten()
+        n = max(1, round(fraction * len(idx)))
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    return torch.cat(keep).sort().values.to(y.device)
+
+
+def evaluate(backbone, ds, mean, std, fractions=(0.01, 0.1), seed=0):
+    """Frozen-feature protocols on the test split: {'knn': {...}, 'linear': {..., 'wd': chosen L2}} and, for each
+    label fraction f < 1, 'linear_<f*100>pct': the probe trained on a stratified f of the train labels."""
     f = {s: extract_features(backbone, ds[s][0], mean, std) for s in common.SPLITS}
     y = {s: ds[s][1] for s in common.SPLITS}
     K = ds["n_classes"]
     out = {"knn": metrics(y["test"], knn_predict(f["train"], y["train"], f["test"], K))}
     probs, wd = linear_probe(f["train"], y["train"], f["val"], y["val"], f["test"], K)
     out["linear"] = {**metrics(y["test"], probs), "wd": wd}
+    for frac in fractions:
+        idx = label_subset(y["train"], frac, seed)
+        probs, wd = linear_probe(f["train"][idx], y["train"][idx], f["val"], y["val"], f["test"], K)
+        out[f"linear_{frac * 100:g}pct"] = {**metrics(y["test"], probs), "wd": wd, "n_labels": len(idx)}
     return out
 
 
 def print_table(rows):
     """rows: {name: results dict} -> a fixed-width table of the test metrics."""
     cols = ("acc", "auc", "f1_weighted", "balanced_acc")
-    print(f"{'model':28s} {'protocol':8s} " + " ".join(f"{c:>12s}" for c in cols))
+    print(f"{'model':28s} {'protocol':12s} " + " ".join(f"{c:>12s}" for c in cols))
     for name, res in rows.items():
-        for proto in ("knn", "linear"):
-            print(f"{name:28s} {proto:8s} " + " ".join(f"{res[proto][c]:12.4f}" for c in cols))
+        for proto in [k for k in res if k == "knn" or k.startswith("linear")]:
+            print(f"{name:28s} {proto:12s} " + " ".join(f"{res[proto][c]:12.4f}" for c in cols))
 
 
 def main(argv=None):

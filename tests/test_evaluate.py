@@ -113,3 +113,16 @@ def test_backbone_stems():
     assert small(torch.randn(2, 1, 28, 28)).shape == (2, 512)
     with pytest.raises(ValueError, match="--arch 'vgg'"):
         common.make_backbone("vgg", 1, 28)
+
+
+def test_label_subset_is_stratified_seeded_and_keeps_every_class():
+    y = torch.tensor([0] * 300 + [1] * 50 + [2] * 3)
+    idx = evaluate.label_subset(y, 0.1, seed=0)
+    assert torch.bincount(y[idx]).tolist() == [30, 5, 1]  # round(0.1 n_c), at least one per class
+    assert torch.equal(idx, evaluate.label_subset(y, 0.1, seed=0))
+    assert not torch.equal(idx, evaluate.label_subset(y, 0.1, seed=1))
+    assert len(idx.unique()) == len(idx)
+    assert torch.bincount(y[evaluate.label_subset(y, 0.01, seed=0)]).tolist() == [3, 1, 1]
+    assert torch.equal(evaluate.label_subset(y, 1.0, seed=0), torch.arange(len(y)))
+    with pytest.raises(ValueError, match="label fraction 0"):
+        evaluate.label_subset(y, 0, seed=0)
