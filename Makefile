@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 MEDSSL_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),data)
 export MEDSSL_DATA_DIR
 
-.PHONY: test run bench reproduce check-cuda clean
+.PHONY: test run bench gpu-check check-cuda clean
 
 $(VENV)/.stamp: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ run: $(VENV)/.stamp
 
 bench: $(VENV)/.stamp
 	$(PY) bench.py
+
+# on a machine with a GPU: build the CUDA op, run the op tests (CUDA ones included) and the GPU benchmark
+gpu-check: $(VENV)/.stamp
+	MEDSSL_REQUIRE_OP=1 $(PY) -m pytest -q tests/test_op.py
+	$(PY) bench.py --devices cuda --sizes 64 224 --step-size 64 --out bench-gpu.json
 
 # compile-only check of the CUDA kernel (no GPU needed): catches CUDA code that no longer builds
 check-cuda: $(VENV)/.stamp

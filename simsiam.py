@@ -10,6 +10,7 @@ Run:
 Writes checkpoint.pt, metrics.jsonl and results.json to runs/simsiam-<data>-<size>-s<seed>/ (see --out).
 """
 import dataclasses
+import math
 import os
 import time
 
@@ -121,7 +122,10 @@ def main(args):
         torch.set_rng_state(ckpt["torch_rng"].cpu())
         start = ckpt["epoch"]
         print(f"resumed from {ckpt_path} at epoch {start}")
-    common.trim_log(log_path, start) if args.resume else open(log_path, "w").close()
+    if args.resume:
+        common.trim_log(log_path, start)  # drop rows of the epoch that was cut short: it will be re-run
+    else:
+        open(log_path, "w").close()  # a fresh run starts a fresh log
 
     # -------------------------------------------------------------------------------------------- 4. training loop
     bar = tqdm(total=args.epochs * steps, initial=start * steps, desc=METHOD, unit="step")
@@ -150,7 +154,7 @@ def main(args):
             scheduler.step()
 
             loss_value = loss.item()  # one host sync per step, for the log and the NaN guard
-            if not torch.isfinite(torch.tensor(loss_value)):
+            if not math.isfinite(loss_value):
                 kept = f"the last good checkpoint (epoch {epoch}) is {ckpt_path}" if epoch else "no checkpoint yet"
                 raise SystemExit(f"{METHOD}: loss is {loss_value} at epoch {epoch + 1} step {step + 1}; stopped, "
                                  f"{kept}. Try a lower --lr.")
