@@ -103,7 +103,8 @@ def bench_step(device, size, B, repeats):
 
     def augment():
         params = common.sample_params(B, size, size, 1, g, views=(view, view)).to(device, non_blocking=True)
-        return common.augment(ds_images, params, size, [0.5], [0.25])
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as the method files do
+        return common.augment(ds_images, params, size, [0.5], [0.25], dtype=dtype)
 
     def step():
         x1, x2 = augment()

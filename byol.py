@@ -106,6 +106,7 @@ def main(args):
     mean, std = common.channel_stats(images)
     B = min(args.batch_size, N)
     steps = N // B  # drop the ragged last batch: BN and the loss want full batches
+    view_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 views feed bf16 autocast
 
     backbone, dim = common.make_backbone(args.arch, C, args.size)
     projector = Projector(dim, args.proj_hidden, args.proj_dim)
@@ -144,7 +145,7 @@ def main(args):
             t0 = time.perf_counter()
             idx = perm[step * B:(step + 1) * B]
             params = common.sample_params(len(idx), H, W, C, gen, views=VIEWS).to(device, non_blocking=True)
-            x1, x2 = common.augment(images[idx], params, args.size, mean, std)  # each (B, C, S, S) float32
+            x1, x2 = common.augment(images[idx], params, args.size, mean, std, dtype=view_dtype)  # (B, C, S, S) each
             x = torch.cat([x1, x2])  # both views through the backbone in one call: (2B, C, S, S)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)

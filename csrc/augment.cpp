@@ -4,6 +4,7 @@
 // in augment.py, and the per-pixel math shared by both kernels is in augment.h.
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -15,7 +16,9 @@ namespace medssl {
 
 // Checks shared with the CUDA entry point: say what was expected and what came.
 Norm check_inputs(const at::Tensor& images, const at::Tensor& params, int64_t size, int64_t blur_kernel,
-                  at::ArrayRef<double> mean, at::ArrayRef<double> std) {
+                  at::ArrayRef<double> mean, at::ArrayRef<double> std, std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK(!dtype || *dtype == at::kFloat || *dtype == at::kBFloat16,
+              "medssl::augment: dtype must be float32 or bfloat16, got ", *dtype);
   TORCH_CHECK(images.scalar_type() == at::kByte, "medssl::augment: images must be uint8, got ", images.scalar_type());
   TORCH_CHECK(images.dim() == 4, "medssl::augment: images must be N x C x H x W, got ", images.dim(), " dims");
   TORCH_CHECK(images.size(1) == 1 || images.size(1) == 3, "medssl::augment: images must have 1 or 3 channels, got ",
@@ -47,17 +50,18 @@ Norm check_inputs(const at::Tensor& images, const at::Tensor& params, int64_t si
 
 // Per-thread scratch, allocated once per parallel chunk rather than once per view.
 struct Scratch {
-  std::vector<float> buf, mid, wx, taps, pad;
+  std::vector<float> buf, mid, wx, taps, pad, row;
   std::vector<int> x0, x1;
   Scratch(int C, int S, int K, int W)
-      : buf(C * S * S), mid(C * S * S), wx(S), taps(K), pad(std::max(S + K, W)), x0(S), x1(S) {}
+      : buf(C * S * S), mid(C * S * S), wx(S), taps(K), pad(std::max(S + K, W)), row(S), x0(S), x1(S) {}
 };
 
 // One view: crop+resize+flip+brightness (and the contrast mean) -> colour -> blur -> solarize+normalize.
 // Inner loops run along rows with unit stride so the compiler can vectorize the blur and the final pass.
-template <int C>
+// T is the output type (float or c10::BFloat16); all arithmetic is float32, T only at the final store.
+template <int C, typename T>
 void augment_view(const uint8_t* img, int H, int W, const float* p, int S, int K, const Norm& norm, Scratch& s,
-                  float* out) {
+                  T* out) {
   const int top = (int)p[TOP], left = (int)p[LEFT], h = (int)p[HEIGHT], w = (int)p[WIDTH];
   const bool flip = p[FLIP] > 0.5f, jitter = p[JITTER] > 0.5f;
   const float bright = jitter ? p[BRIGHT] : 1.f;
@@ -143,51 +147,62 @@ void augment_view(const uint8_t* img, int H, int W, const float* p, int S, int K
         for (int i = 0; i < K; ++i)
           for (int x = 0; x < S; ++x) dst[x] += k[i] * pad[x + i];
       }
+      float* acc = s.row.data();
       for (int y = 0; y < S; ++y) {  // vertical pass as weighted sums of whole rows, then solarize + normalize
-        float* dst = out + c * SS + y * S;
-        for (int x = 0; x < S; ++x) dst[x] = 0.f;
+        for (int x = 0; x < S; ++x) acc[x] = 0.f;
         for (int i = 0; i < K; ++i) {
           const float* row = mid + reflect(y + i - r, S) * S;
-          for (int x = 0; x < S; ++x) dst[x] += k[i] * row[x];
+          for (int x = 0; x < S; ++x) acc[x] += k[i] * row[x];
         }
-        for (int x = 0; x < S; ++x) dst[x] = finish(dst[x], sol, norm, c);
+        T* dst = out + c * SS + y * S;
+        for (int x = 0; x < S; ++x) dst[x] = (T)finish(acc[x], sol, norm, c);
       }
     }
   } else {
     for (int c = 0; c < C; ++c)
-      for (int i = 0; i < SS; ++i) out[c * SS + i] = finish(buf[c * SS + i], sol, norm, c);
+      for (int i = 0; i < SS; ++i) out[c * SS + i] = (T)finish(buf[c * SS + i], sol, norm, c);
   }
 }
 
-at::Tensor augment_cpu(const at::Tensor& images, const at::Tensor& params, int64_t size, int64_t blur_kernel,
-                       at::ArrayRef<double> mean, at::ArrayRef<double> std) {
-  const Norm norm = check_inputs(images, params, size, blur_kernel, mean, std);
-  TORCH_CHECK(images.device().is_cpu(), "medssl::augment (CPU kernel): images must be on the CPU");
-  const int64_t V = params.size(0), B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
-  const int S = (int)size, K = (int)blur_kernel;
-  at::Tensor out = at::empty({V, B, C, size, size}, images.options().dtype(at::kFloat));
+template <typename T>
+void augment_cpu_impl(const at::Tensor& images, const at::Tensor& params, int S, int K, const Norm& norm,
+                      at::Tensor& out) {
+  const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
   const uint8_t* img = images.data_ptr<uint8_t>();
   const float* prm = params.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  const int64_t view_elems = C * size * size;
+  T* dst = out.data_ptr<T>();
+  const int64_t view_elems = C * S * S;
   // one task per view, chunked over threads (needs -fopenmp, see load_op); each chunk owns its scratch
-  at::parallel_for(0, V * B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, params.size(0) * B, 1, [&](int64_t begin, int64_t end) {
     Scratch scratch((int)C, S, K, (int)W);
     for (int64_t m = begin; m < end; ++m) {
       const uint8_t* src = img + (m % B) * C * H * W;  // view v of image b is row m = v * B + b
       if (C == 1)
-        augment_view<1>(src, (int)H, (int)W, prm + m * P, S, K, norm, scratch, dst + m * view_elems);
+        augment_view<1, T>(src, (int)H, (int)W, prm + m * P, S, K, norm, scratch, dst + m * view_elems);
       else
-        augment_view<3>(src, (int)H, (int)W, prm + m * P, S, K, norm, scratch, dst + m * view_elems);
+        augment_view<3, T>(src, (int)H, (int)W, prm + m * P, S, K, norm, scratch, dst + m * view_elems);
     }
   });
+}
+
+at::Tensor augment_cpu(const at::Tensor& images, const at::Tensor& params, int64_t size, int64_t blur_kernel,
+                       at::ArrayRef<double> mean, at::ArrayRef<double> std, std::optional<at::ScalarType> dtype) {
+  const Norm norm = check_inputs(images, params, size, blur_kernel, mean, std, dtype);
+  TORCH_CHECK(images.device().is_cpu(), "medssl::augment (CPU kernel): images must be on the CPU");
+  const at::ScalarType out_type = dtype.value_or(at::kFloat);
+  at::Tensor out = at::empty({params.size(0), images.size(0), images.size(1), size, size}, images.options().dtype(out_type));
+  if (out_type == at::kBFloat16)
+    augment_cpu_impl<c10::BFloat16>(images, params, (int)size, (int)blur_kernel, norm, out);
+  else
+    augment_cpu_impl<float>(images, params, (int)size, (int)blur_kernel, norm, out);
   return out;
 }
 
 }  // namespace medssl
 
 TORCH_LIBRARY(medssl, m) {
-  m.def("augment(Tensor images, Tensor params, int size, int blur_kernel, float[] mean, float[] std) -> Tensor");
+  m.def("augment(Tensor images, Tensor params, int size, int blur_kernel, float[] mean, float[] std, "
+        "ScalarType? dtype=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(medssl, CPU, m) { m.impl("augment", &medssl::augment_cpu); }

@@ -11,20 +11,22 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/BFloat16.h>
 
 #include "augment.h"
 
 namespace medssl {
 
 Norm check_inputs(const at::Tensor& images, const at::Tensor& params, int64_t size, int64_t blur_kernel,
-                  at::ArrayRef<double> mean, at::ArrayRef<double> std);
+                  at::ArrayRef<double> mean, at::ArrayRef<double> std, std::optional<at::ScalarType> dtype);
 
 constexpr int THREADS = 256;
 
-template <int C>
+// work and scratch are float32 (V*B, C, S, S) buffers; out is the result in T (float or bfloat16).
+template <int C, typename T>
 __global__ void augment_kernel(const uint8_t* __restrict__ images, const float* __restrict__ params,
-                               float* __restrict__ out, float* __restrict__ scratch, int B, int H, int W, int S,
-                               int K, Norm norm) {
+                               T* __restrict__ out, float* __restrict__ work, float* __restrict__ scratch, int B,
+                               int H, int W, int S, int K, Norm norm) {
   extern __shared__ float taps[];  // K blur weights
   __shared__ float warp_sums[THREADS / 32];
   __shared__ float p[P];
@@ -33,8 +35,9 @@ __global__ void augment_kernel(const uint8_t* __restrict__ images, const float* 
   __syncthreads();
   const uint8_t* img = images + (int64_t)(m % B) * C * H * W;
   const int SS = S * S, HW = H * W;
-  float* dst = out + (int64_t)m * C * SS;
+  float* dst = work + (int64_t)m * C * SS;  // this view's float working copy
   float* mid = scratch + (int64_t)m * C * SS;
+  T* res = out + (int64_t)m * C * SS;
   const int top = (int)p[TOP], left = (int)p[LEFT], h = (int)p[HEIGHT], w = (int)p[WIDTH];
   const bool flip = p[FLIP] > 0.5f, jitter = p[JITTER] > 0.5f;
   const float bright = jitter ? p[BRIGHT] : 1.f;
@@ -113,36 +116,42 @@ __global__ void augment_kernel(const uint8_t* __restrict__ images, const float* 
       const float* col = mid + c * SS + x;
       float acc = 0.f;
       for (int k = 0; k < K; ++k) acc += taps[k] * col[reflect(y + k - r, S) * S];
-      dst[i] = finish(acc, sol, norm, c);
+      res[i] = (T)finish(acc, sol, norm, c);
     }
   } else {
     __syncthreads();
-    for (int i = threadIdx.x; i < C * SS; i += blockDim.x) dst[i] = finish(dst[i], sol, norm, i / SS);
+    for (int i = threadIdx.x; i < C * SS; i += blockDim.x) res[i] = (T)finish(dst[i], sol, norm, i / SS);
   }
 }
 
 at::Tensor augment_cuda(const at::Tensor& images, const at::Tensor& params, int64_t size, int64_t blur_kernel,
-                        at::ArrayRef<double> mean, at::ArrayRef<double> std) {
-  const Norm norm = check_inputs(images, params, size, blur_kernel, mean, std);
+                        at::ArrayRef<double> mean, at::ArrayRef<double> std, std::optional<at::ScalarType> dtype) {
+  const Norm norm = check_inputs(images, params, size, blur_kernel, mean, std, dtype);
   TORCH_CHECK(images.is_cuda(), "medssl::augment (CUDA kernel): images must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(images.device());
   const int64_t V = params.size(0), B = images.size(0), C = images.size(1);
-  at::Tensor out = at::empty({V, B, C, size, size}, images.options().dtype(at::kFloat));
-  at::Tensor scratch = at::empty_like(out);  // horizontal blur pass; the caching allocator makes this cheap
+  const at::ScalarType out_type = dtype.value_or(at::kFloat);
+  at::Tensor out = at::empty({V, B, C, size, size}, images.options().dtype(out_type));
+  // float32 working buffers (the caching allocator makes these cheap): colour result, horizontal blur pass
+  at::Tensor work = at::empty({V, B, C, size, size}, images.options().dtype(at::kFloat));
+  at::Tensor scratch = at::empty_like(work);
   const int64_t views = V * B;
   TORCH_CHECK(views <= 0x7fffffff, "medssl::augment: too many views for one launch: ", views);
   const size_t smem = blur_kernel * sizeof(float);
   auto stream = at::cuda::getCurrentCUDAStream();
-  auto launch = [&](auto kernel) {
-    kernel<<<(unsigned)views, THREADS, smem, stream>>>(images.data_ptr<uint8_t>(), params.data_ptr<float>(),
-                                                        out.data_ptr<float>(), scratch.data_ptr<float>(), (int)B,
+  auto launch = [&](auto kernel, auto* dst) {
+    kernel<<<(unsigned)views, THREADS, smem, stream>>>(images.data_ptr<uint8_t>(), params.data_ptr<float>(), dst,
+                                                        work.data_ptr<float>(), scratch.data_ptr<float>(), (int)B,
                                                         (int)images.size(2), (int)images.size(3), (int)size,
                                                         (int)blur_kernel, norm);
   };
-  if (C == 1)
-    launch(augment_kernel<1>);
-  else
-    launch(augment_kernel<3>);
+  if (out_type == at::kBFloat16) {
+    auto* dst = out.data_ptr<c10::BFloat16>();
+    C == 1 ? launch(augment_kernel<1, c10::BFloat16>, dst) : launch(augment_kernel<3, c10::BFloat16>, dst);
+  } else {
+    auto* dst = out.data_ptr<float>();
+    C == 1 ? launch(augment_kernel<1, float>, dst) : launch(augment_kernel<3, float>, dst);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -191,15 +191,18 @@ def load_op(verbose=False):
 def _register_fake():
     # a shape-only kernel so torch.compile / FakeTensor tracing can see through the op
     @torch.library.register_fake("medssl::augment")
-    def _(images, params, size, blur_kernel, mean, std):
-        return images.new_empty((params.shape[0], params.shape[1], images.shape[1], size, size), dtype=torch.float32)
+    def _(images, params, size, blur_kernel, mean, std, dtype=None):
+        return images.new_empty((params.shape[0], params.shape[1], images.shape[1], size, size),
+                                dtype=dtype or torch.float32)
 
 
 _warned = False
 
 
-def augment(images, params, size, mean, std, blur_kernel=None):
+def augment(images, params, size, mean, std, blur_kernel=None, dtype=torch.float32):
     """Two-view augmentation: the compiled op when it builds, else the reference with one warning.
+
+    dtype: float32, or bfloat16 to halve what the op writes when the network runs under bf16 autocast anyway.
 
     MEDSSL_REQUIRE_OP=1 turns a failed build into an error (benchmarks, CI); MEDSSL_OP=0 forces the reference.
     """
@@ -217,5 +220,5 @@ def augment(images, params, size, mean, std, blur_kernel=None):
         else:
             check_inputs(images, params, size, mean, std, blur_kernel)
             return op(images.contiguous(), params.contiguous(), size, blur_kernel,
-                      [float(m) for m in mean], [float(s) for s in std])
-    return augment_reference(images, params, size, mean, std, blur_kernel)
+                      [float(m) for m in mean], [float(s) for s in std], dtype)
+    return augment_reference(images, params, size, mean, std, blur_kernel).to(dtype)

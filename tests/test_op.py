@@ -59,11 +59,27 @@ def test_op_edge_cases(op, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [1, 3])
+def test_op_bfloat16_output(op, device, C):
+    """dtype=bfloat16: the same float32 arithmetic, rounded once at the store (<= 1 bf16 ulp from the reference)."""
+    images, params = batch(16, C, 40, 40, seed=5 + C, device=device)
+    mean, std = [0.5] * C, [0.2] * C
+    got = op(images, params, 40, 5, mean, std, torch.bfloat16)
+    want = augment_reference(images.cpu(), params.cpu(), 40, mean, std, 5)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    err = (got.cpu().float() - want).abs()
+    assert (err <= 2 ** -8 * want.abs() + 1e-4).all(), err.max()
+    fp32 = op(images, params, 40, 5, mean, std)
+    assert torch.equal(got, fp32.to(torch.bfloat16))  # same float32 result, rounded to nearest even once
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(op, device):
     images, params = batch(4, 3, 28, 28, seed=0, device=device)
     torch.library.opcheck(op, (images, params, 28, 3, [0.5, 0.5, 0.5], [0.2, 0.2, 0.2]))
     images, params = batch(3, 1, 33, 33, seed=1, device=device)
     torch.library.opcheck(op, (images, params, 17, 3, [0.5], [0.2]))
+    torch.library.opcheck(op, (images, params, 17, 3, [0.5], [0.2], torch.bfloat16))
 
 
 def test_op_draws_no_random_numbers(op):
@@ -90,6 +106,7 @@ def test_op_rejects_bad_arguments(op):
         ((images, params, 28, 4, [0.5], [0.2]), "blur_kernel must be odd"),
         ((images, params, 28, 3, [0.5, 0.5], [0.2, 0.2]), "mean and std need 1 entries"),
         ((images, params, 28, 3, [0.5], [0.0]), "std must be > 0"),
+        ((images, params, 28, 3, [0.5], [0.2], torch.float16), "dtype must be float32 or bfloat16"),
     ]
     for args, match in cases:
         with pytest.raises(RuntimeError, match=match):
