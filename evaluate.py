@@ -7,6 +7,7 @@ As a script:
 Both print a table and write JSON (eval.json beside the checkpoint; results.json in the random run's folder).
 """
 import argparse
+import copy
 import os
 
 import torch
@@ -155,12 +156,50 @@ def evaluate(backbone, ds, mean, std, fractions=(0.01, 0.1), seed=0):
     return out
 
 
+def finetune(backbone, ds, mean, std, epochs, lr=0.05, backbone_lr_scale=0.1, batch_size=128, seed=0):
+    """End-to-end fine-tuning (the paper's third protocol): a copy of the backbone plus a linear head trained on
+    the train labels with cross-entropy, one augmented view per image (crop + flip: no colour changes, which
+    could erase a diagnostic cue), the backbone at a smaller LR than the head. Returns test metrics."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = copy.deepcopy(backbone).train()  # the caller's backbone stays as it was
+    x, y = ds["train"]
+    N, C, H, W = x.shape
+    with torch.no_grad():  # the feature width, from a forward pass in eval mode (leaves BN statistics alone)
+        feat_dim = net.eval()(x[:2].float()).shape[1]
+    net.train()
+    head = torch.nn.Linear(feat_dim, ds["n_classes"]).to(x.device)
+    B = min(batch_size, N)
+    steps = max(1, N // B)
+    opt = torch.optim.SGD([{"params": net.parameters(), "lr": lr * backbone_lr_scale}, {"params": head.parameters()}],
+                          lr=lr, momentum=0.9, weight_decay=5e-4)
+    sched = common.warmup_cosine(opt, 0, epochs * steps)
+    view = (common.ViewProbs(jitter=0.0, gray=0.0, blur=0.0, solarize=0.0),)
+    for _ in range(epochs):
+        perm = torch.randperm(N, generator=gen).to(x.device)
+        for step in range(steps):
+            idx = perm[step * B:(step + 1) * B]
+            params = common.sample_params(len(idx), H, W, C, gen, views=view).to(x.device)
+            (xb,) = common.augment(x[idx], params, H, mean, std)  # (B, C, H, W): one view
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+                logits = head(net(xb)).float()
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    with torch.no_grad():
+        f = extract_features(net, ds["test"][0], mean, std)
+        return metrics(ds["test"][1], head(f).softmax(1))
+
+
 def print_table(rows):
     """rows: {name: results dict} -> a fixed-width table of the test metrics."""
     cols = ("acc", "auc", "f1_weighted", "balanced_acc")
     print(f"{'model':28s} {'protocol':12s} " + " ".join(f"{c:>12s}" for c in cols))
     for name, res in rows.items():
-        for proto in [k for k in res if k == "knn" or k.startswith("linear")]:
+        for proto in [k for k in res if k in ("knn", "finetune") or k.startswith("linear")]:
             print(f"{name:28s} {proto:12s} " + " ".join(f"{res[proto][c]:12.4f}" for c in cols))
 
 
@@ -174,6 +213,7 @@ def main(argv=None):
     ap.add_argument("--init", default="random", choices=["random"], help="backbone when no --checkpoint is given")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="JSON path (default: beside the checkpoint, or runs/random-...)")
+    ap.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune end to end for N epochs (0: skip)")
     a = ap.parse_args(argv)
     device = common.get_device()
     if a.checkpoint:
@@ -199,6 +239,9 @@ def main(argv=None):
     mean, std = common.channel_stats(ds["train"][0])
     res = {"method": method, "data": data, "size": size, "epochs": ckpt.get("epoch", 0) if a.checkpoint else 0,
            **evaluate(backbone, ds, mean, std)}
+    if a.finetune_epochs:
+        res["finetune"] = {**finetune(backbone, ds, mean, std, a.finetune_epochs, seed=seed),
+                           "epochs": a.finetune_epochs}
     print_table({f"{method} ({ds['name']}, {size}px)": res})
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     common.write_json(out, res)

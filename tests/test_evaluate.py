@@ -126,3 +126,17 @@ def test_label_subset_is_stratified_seeded_and_keeps_every_class():
     assert torch.equal(evaluate.label_subset(y, 1.0, seed=0), torch.arange(len(y)))
     with pytest.raises(ValueError, match="label fraction 0"):
         evaluate.label_subset(y, 0, seed=0)
+
+
+def test_finetune_learns_a_visible_class_and_leaves_the_backbone_alone(tmp_path):
+    import numpy as np
+    from conftest import make_arrays
+    np.savez(tmp_path / "pneumoniamnist.npz", **make_arrays(n=(96, 16, 64), seed=4))
+    ds = common.load_dataset("pneumonia", 28, str(tmp_path))
+    mean, std = common.channel_stats(ds["train"][0])
+    torch.manual_seed(0)
+    net, _ = common.make_backbone("resnet18", 1, 28)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    m = evaluate.finetune(net, ds, mean, std, epochs=3, lr=0.2, batch_size=32)
+    assert m["acc"] > 0.9 and m["auc"] > 0.95  # the classes differ in brightness: easy once trained
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

@@ -108,11 +108,13 @@ def test_evaluate_script_checkpoint_and_random(tiny_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "linear" in r.stdout and json.loads((out / "eval.json").read_text())["method"] == "simclr"
     rnd = tmp_path / "random.json"
-    r = subprocess.run([sys.executable, "evaluate.py", "--data", "pneumonia", "--init", "random", "--out", str(rnd)],
+    r = subprocess.run([sys.executable, "evaluate.py", "--data", "pneumonia", "--init", "random", "--out", str(rnd),
+                        "--finetune-epochs", "1"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     res = json.loads(rnd.read_text())
     assert res["method"] == "random" and res["linear"]["auc"] > 0.9  # the synthetic classes differ in brightness
+    assert res["finetune"]["epochs"] == 1 and 0 <= res["finetune"]["acc"] <= 1
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(bad)], capture_output=True, text=True,
