@@ -11,7 +11,6 @@ GB/s counts the uint8 input read once plus the float32 views written, against a 
 Results are printed as a table and written to bench.json with the device, threads and torch version.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -151,7 +150,7 @@ def main():
         report["step"].append(bench_step(device, step_size, a.step_batch, max(1, a.repeats // 2 if dev == "cpu" else a.repeats)))
 
     print(f"torch {report['torch']}, {report['threads']} CPU threads, CUDA device: {report['cuda_device']}")
-    print(f"copy bandwidth GB/s: " + ", ".join(f"{d} {v:.1f}" for d, v in report["copy_GB_per_s"].items()))
+    print("copy bandwidth GB/s: " + ", ".join(f"{d} {v:.1f}" for d, v in report["copy_GB_per_s"].items()))
     print(f"{'dev':4s} {'px':>4s} {'C':>2s} {'impl':10s} {'us/batch':>12s} {'img/s':>10s} {'views/s':>11s} "
           f"{'GB/s':>7s} {'% copy':>7s} {'op x':>7s}")
     for r in report["augment"]:

@@ -257,7 +257,7 @@ def load_folder(root, size, data_dir, seed=0):
         np.savez(tmp, classes=np.asarray(classes), **arrays)
         os.replace(tmp, cache)
     except OSError as e:
-        warnings.warn(f"could not cache {root} as {cache} ({e}); it will be decoded again next time")
+        warnings.warn(f"could not cache {root} as {cache} ({e}); it will be decoded again next time", stacklevel=2)
     finally:
         if tmp and os.path.exists(tmp):
             os.remove(tmp)

@@ -215,7 +215,7 @@ def augment(images, params, size, mean, std, blur_kernel=None, dtype=torch.float
             if os.environ.get("MEDSSL_REQUIRE_OP") == "1":
                 raise
             if not _warned:
-                warnings.warn(f"{e}\nFalling back to the (slower) pure-PyTorch augment_reference.")
+                warnings.warn(f"{e}\nFalling back to the (slower) pure-PyTorch augment_reference.", stacklevel=2)
                 _warned = True
         else:
             check_inputs(images, params, size, mean, std, blur_kernel)

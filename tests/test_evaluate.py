@@ -37,7 +37,6 @@ def brute_metrics(y, pred, K):
     for c in range(K):
         tp = sum(1 for a, b in zip(y, pred) if a == c and b == c)
         fp = sum(1 for a, b in zip(y, pred) if a != c and b == c)
-        fn = sum(1 for a, b in zip(y, pred) if a == c and b != c)
         support = sum(1 for a in y if a == c)
         if support == 0:
             continue
