@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 MEDSSL_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),data)
 export MEDSSL_DATA_DIR
 
-.PHONY: test run bench gpu-check check-cuda clean
+.PHONY: test run reproduce bench gpu-check check-cuda clean
 
 $(VENV)/.stamp: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ test: $(VENV)/.stamp
 
 run: $(VENV)/.stamp
 	$(PY) simclr.py --data pneumonia --epochs 10
+
+# the paper's study (reproduce.py): PRESET=cpu (<= 45 min on 2 cores) or PRESET=paper (a GPU); more in ARGS,
+# e.g. make reproduce ARGS="--folders ../shared/data/chest_xray_224". Finished runs are skipped on a rerun.
+PRESET ?= cpu
+reproduce: $(VENV)/.stamp
+	$(PY) reproduce.py --preset $(PRESET) $(ARGS)
 
 bench: $(VENV)/.stamp
 	$(PY) bench.py

@@ -1,10 +1,14 @@
-"""Evaluate frozen features: weighted kNN and a linear probe, with ACC, ROC AUC, weighted F1 and balanced accuracy.
+"""Evaluation protocols (weighted kNN, linear probe at 1/10/100% labels, end-to-end fine-tune), their metrics
+(ACC, ROC AUC, weighted F1, balanced accuracy), and the baselines (random init, supervised, ImageNet transfer).
 
 As a module, the method files call `evaluate(backbone, ds, mean, std)` at the end and `knn_eval` during training.
 As a script:
     python evaluate.py --checkpoint runs/simclr-pneumonia-28-s0/checkpoint.pt   # a trained backbone
     python evaluate.py --data pneumonia --init random                           # the untrained baseline
-Both print a table and write JSON (eval.json beside the checkpoint; results.json in the random run's folder).
+    python evaluate.py --data pneumonia --init supervised --epochs 100          # trained with labels from scratch
+    python evaluate.py --data pneumonia --init imagenet [--weights FILE]        # ImageNet transfer
+Add --finetune-epochs N for the end-to-end protocol.
+Each prints a table and writes JSON (eval.json beside the checkpoint; else runs/<init>-<data>-<size>-s<seed>/results.json).
 """
 import argparse
 import copy
@@ -140,9 +144,20 @@ def label_subset(y, fraction, seed):
     return torch.cat(keep).sort().values.to(y.device)
 
 
-def evaluate(backbone, ds, mean, std, fractions=(0.01, 0.1), seed=0):
-    """Frozen-feature protocols on the test split: {'knn': {...}, 'linear': {..., 'wd': chosen L2}} and, for each
-    label fraction f < 1, 'linear_<f*100>pct': the probe trained on a stratified f of the train labels."""
+def embed_2d(f, y, n=1000, seed=0):
+    """A 2-D picture of features f (N, D): their first two principal components, for at most n seeded points."""
+    idx = torch.randperm(len(f), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    x = f.cpu()[idx].double()
+    x = x - x.mean(0)
+    _, _, V = torch.linalg.svd(x, full_matrices=False)  # rows of V: principal directions, by variance
+    xy = x @ V[:2].T  # (n, 2)
+    return {"xy": [[round(a, 4), round(b, 4)] for a, b in xy.tolist()], "y": y.cpu()[idx].tolist()}
+
+
+def evaluate(backbone, ds, mean, std, fractions=(0.01, 0.1), seed=0, finetune_epochs=0):
+    """Every protocol on the test split: {'knn': {...}, 'linear': {..., 'wd': chosen L2}}, for each label fraction
+    f < 1 'linear_<f*100>pct' (the probe trained on a stratified f of the train labels), 'finetune' if
+    finetune_epochs > 0, and 'embedding' (2-D PCA of the test features, for the figures)."""
     f = {s: extract_features(backbone, ds[s][0], mean, std) for s in common.SPLITS}
     y = {s: ds[s][1] for s in common.SPLITS}
     K = ds["n_classes"]
@@ -153,16 +168,23 @@ def evaluate(backbone, ds, mean, std, fractions=(0.01, 0.1), seed=0):
         idx = label_subset(y["train"], frac, seed)
         probs, wd = linear_probe(f["train"][idx], y["train"][idx], f["val"], y["val"], f["test"], K)
         out[f"linear_{frac * 100:g}pct"] = {**metrics(y["test"], probs), "wd": wd, "n_labels": len(idx)}
+    if finetune_epochs:
+        out["finetune"] = {**finetune(backbone, ds, mean, std, finetune_epochs, seed=seed), "epochs": finetune_epochs}
+    out["embedding"] = embed_2d(f["test"], y["test"], seed=seed)
     return out
 
 
-def finetune(backbone, ds, mean, std, epochs, lr=0.05, backbone_lr_scale=0.1, batch_size=128, seed=0):
-    """End-to-end fine-tuning (the paper's third protocol): a copy of the backbone plus a linear head trained on
-    the train labels with cross-entropy, one augmented view per image (crop + flip: no colour changes, which
-    could erase a diagnostic cue), the backbone at a smaller LR than the head. Returns test metrics."""
+CROP_FLIP = common.ViewProbs(jitter=0.0, gray=0.0, blur=0.0, solarize=0.0)
+# the supervised-from-scratch baseline sees the SSL methods' augmentation (SimCLR's view: same crops, jitter, blur)
+SSL_VIEW = common.ViewProbs(jitter=0.8, gray=0.2, blur=0.5, solarize=0.0)
+
+
+def train_with_labels(net, ds, mean, std, epochs, lr, backbone_lr_scale, batch_size, seed, view):
+    """Backbone + a new linear head trained on the train labels with cross-entropy (SGD, momentum 0.9, cosine LR),
+    one augmented view per image per step; the backbone's LR is lr * backbone_lr_scale. Returns the head; net is
+    trained in place. Shared by the fine-tune protocol and the supervised-from-scratch baseline."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    net = copy.deepcopy(backbone).train()  # the caller's backbone stays as it was
     x, y = ds["train"]
     N, C, H, W = x.shape
     with torch.no_grad():  # the feature width, from a forward pass in eval mode (leaves BN statistics alone)
@@ -174,24 +196,38 @@ def finetune(backbone, ds, mean, std, epochs, lr=0.05, backbone_lr_scale=0.1, ba
     opt = torch.optim.SGD([{"params": net.parameters(), "lr": lr * backbone_lr_scale}, {"params": head.parameters()}],
                           lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = common.warmup_cosine(opt, 0, epochs * steps)
-    view = (common.ViewProbs(jitter=0.0, gray=0.0, blur=0.0, solarize=0.0),)
     for _ in range(epochs):
         perm = torch.randperm(N, generator=gen).to(x.device)
         for step in range(steps):
             idx = perm[step * B:(step + 1) * B]
-            params = common.sample_params(len(idx), H, W, C, gen, views=view).to(x.device)
+            params = common.sample_params(len(idx), H, W, C, gen, views=(view,)).to(x.device)
             (xb,) = common.augment(x[idx], params, H, mean, std)  # (B, C, H, W): one view
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
                 logits = head(net(xb)).float()
             loss = F.cross_entropy(logits, y[idx])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"supervised loss is {loss.item()}: try a lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
     net.eval()
-    with torch.no_grad():
-        f = extract_features(net, ds["test"][0], mean, std)
-        return metrics(ds["test"][1], head(f).softmax(1))
+    return head
+
+
+@torch.no_grad()
+def head_metrics(net, head, ds, mean, std):
+    """Test metrics of a backbone + linear head trained end to end."""
+    return metrics(ds["test"][1], head(extract_features(net, ds["test"][0], mean, std)).softmax(1))
+
+
+def finetune(backbone, ds, mean, std, epochs, lr=0.05, backbone_lr_scale=0.1, batch_size=128, seed=0):
+    """End-to-end fine-tuning (the paper's third protocol) of a copy of the backbone (the caller's stays as it was)
+    with a linear head, crop + flip only (a colour change could erase a diagnostic cue), the backbone at a smaller
+    LR than the head so that fine-tuning adapts rather than overwrites the pre-trained features. Test metrics."""
+    net = copy.deepcopy(backbone)
+    head = train_with_labels(net, ds, mean, std, epochs, lr, backbone_lr_scale, batch_size, seed, CROP_FLIP)
+    return head_metrics(net, head, ds, mean, std)
 
 
 def print_table(rows):
@@ -199,7 +235,7 @@ def print_table(rows):
     cols = ("acc", "auc", "f1_weighted", "balanced_acc")
     print(f"{'model':28s} {'protocol':12s} " + " ".join(f"{c:>12s}" for c in cols))
     for name, res in rows.items():
-        for proto in [k for k in res if k in ("knn", "finetune") or k.startswith("linear")]:
+        for proto in [k for k in res if k in ("knn", "finetune", "supervised") or k.startswith("linear")]:
             print(f"{name:28s} {proto:12s} " + " ".join(f"{res[proto][c]:12.4f}" for c in cols))
 
 
@@ -210,9 +246,19 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=28)
     ap.add_argument("--data-dir", default="")
     ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--init", default="random", choices=["random"], help="backbone when no --checkpoint is given")
+    ap.add_argument("--init", default="random", choices=["random", "supervised", "imagenet"],
+                    help="baseline when no --checkpoint is given: untrained; trained from scratch with labels for "
+                         "--epochs; torchvision's ImageNet weights (see --weights)")
+    ap.add_argument("--weights", default=None, help="--init imagenet: a torchvision weights file (default: the torch "
+                                                     "hub cache, downloaded there when a network exists)")
+    ap.add_argument("--imagenet-size", type=int, default=224, help="--init imagenet: input side the images are "
+                                                                   "resized to (the weights' training resolution)")
+    ap.add_argument("--epochs", type=int, default=100, help="--init supervised: epochs (the SSL methods' budget)")
+    ap.add_argument("--lr", type=float, default=0.1, help="--init supervised: SGD learning rate for a batch of 256, scaled linearly with the batch size")
+    ap.add_argument("--batch-size", type=int, default=256, help="--init supervised: images per step")
+    ap.add_argument("--train-subset", type=int, default=0, help="use a random N-image subset of the train split")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="", help="JSON path (default: beside the checkpoint, or runs/random-...)")
+    ap.add_argument("--out", default="", help="JSON path (default: beside the checkpoint, or runs/<init>-...)")
     ap.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune end to end for N epochs (0: skip)")
     a = ap.parse_args(argv)
     device = common.get_device()
@@ -223,12 +269,21 @@ def main(argv=None):
                 raise ValueError(f"{a.checkpoint}: no {key!r} entry; expected a checkpoint written by a medssl method")
         args = ckpt["args"]
         data, size, arch, seed = args["data"], args["size"], args["arch"], args["seed"]
-        data_dir, method = args.get("data_dir") or a.data_dir, ckpt.get("method", "ssl")
+        data_dir, method, subset = args.get("data_dir") or a.data_dir, ckpt.get("method", "ssl"), args.get("train_subset", 0)
     else:
-        data, size, arch, seed, data_dir, method = a.data, a.size, a.arch, a.seed, a.data_dir, a.init
+        data, size, arch, seed, data_dir, method, subset = a.data, a.size, a.arch, a.seed, a.data_dir, a.init, a.train_subset
+    try:  # fail before loading any data, with the message alone (it says how to get the weights)
+        weights = common.imagenet_weights(arch, a.weights) if method == "imagenet" else None
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"evaluate.py --init imagenet: {e}") from e
     ds = common.load_dataset(data, size, data_dir or None, seed, device)
+    if subset:
+        common.take_subset(ds, subset, seed)
     torch.manual_seed(seed)
-    backbone, _ = common.make_backbone(arch, ds["channels"], size)
+    if weights is not None:
+        backbone, _ = common.make_backbone(arch, ds["channels"], a.imagenet_size, imagenet=weights)
+    else:
+        backbone, _ = common.make_backbone(arch, ds["channels"], size)
     if a.checkpoint:
         prefix = "backbone."
         backbone.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
@@ -237,11 +292,12 @@ def main(argv=None):
         out = a.out or os.path.join("runs", f"{a.init}-{ds['name']}-{size}-s{seed}", "results.json")
     backbone.to(device)
     mean, std = common.channel_stats(ds["train"][0])
-    res = {"method": method, "data": data, "size": size, "epochs": ckpt.get("epoch", 0) if a.checkpoint else 0,
-           **evaluate(backbone, ds, mean, std)}
-    if a.finetune_epochs:
-        res["finetune"] = {**finetune(backbone, ds, mean, std, a.finetune_epochs, seed=seed),
-                           "epochs": a.finetune_epochs}
+    res = {"method": method, "data": data, "size": size, "epochs": ckpt.get("epoch", 0) if a.checkpoint else 0}
+    if method == "supervised":  # same backbone, augmentation and epoch budget as the SSL methods, but with labels
+        lr = a.lr * a.batch_size / 256  # the linear scaling rule, as in the method files
+        head = train_with_labels(backbone, ds, mean, std, a.epochs, lr, 1.0, a.batch_size, seed, SSL_VIEW)
+        res.update(epochs=a.epochs, supervised=head_metrics(backbone, head, ds, mean, std))
+    res.update(evaluate(backbone, ds, mean, std, seed=seed, finetune_epochs=a.finetune_epochs))
     print_table({f"{method} ({ds['name']}, {size}px)": res})
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     common.write_json(out, res)

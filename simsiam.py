@@ -39,6 +39,7 @@ class Args:
     seed: int = 0  # seeds the model init, the batch order and every augmentation parameter
     train_subset: int = 0  # use a random N-image subset of the train split (0 = all)
     eval_every: int = 5  # epochs between kNN scores on the val split
+    finetune_epochs: int = 0  # at the end, also fine-tune end to end for N epochs (0: skip)
     out: str = ""  # run folder; default runs/<method>-<data>-<size>-s<seed>
     resume: bool = False  # continue from <out>/checkpoint.pt
     # SimSiam
@@ -180,7 +181,7 @@ def main(args):
 
     # -------------------------------------------------------------------------------------------- 5. evaluation
     results = {"method": METHOD, "data": args.data, "size": args.size, "epochs": args.epochs,
-               **evaluate.evaluate(backbone, ds, mean, std)}
+               **evaluate.evaluate(backbone, ds, mean, std, seed=args.seed, finetune_epochs=args.finetune_epochs)}
     evaluate.print_table({f"{METHOD} ({ds['name']}, {args.size}px)": results})
     common.write_json(os.path.join(out, "results.json"), results)
     return results

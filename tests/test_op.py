@@ -8,7 +8,9 @@ import common
 from csrc import augment as aug
 from csrc.augment import P, TOP, LEFT, HEIGHT, WIDTH, BRIGHT, CONTRAST, SAT, SIGMA, augment_reference, blur_kernel_size
 
-TOL = 1e-4  # max abs difference in normalized units, float32
+# max abs difference in normalized units, float32. CUDA builds with --use_fast_math (approximate exp/divide):
+# measured 1.4e-4 on an H100 at 224->96 px; 5e-4 is still ~1/40 of one 8-bit grey level after normalizing by std 0.2.
+TOL = {"cpu": 1e-4, "cuda": 5e-4}
 VIEWS = (common.ViewProbs(), common.ViewProbs(jitter=1, gray=0.5, blur=1, solarize=0.5))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -35,7 +37,7 @@ def test_op_matches_reference(op, device, C, H, W, size):
     want = augment_reference(images.cpu(), params.cpu(), size, mean, std, k)
     assert got.shape == want.shape and got.dtype == torch.float32 and got.device.type == device
     err = (got.cpu() - want).abs().max().item()
-    assert err <= TOL, f"max abs diff {err}"
+    assert err <= TOL[device], f"max abs diff {err}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -54,7 +56,7 @@ def test_op_edge_cases(op, device):
     mean, std = [0.5] * 3, [0.5] * 3
     got = op(images.to(device), p.to(device), H, 5, mean, std).cpu()
     want = augment_reference(images, p, H, mean, std, 5)
-    assert (got - want).abs().max() <= TOL
+    assert (got - want).abs().max() <= TOL[device]
     assert torch.allclose(got[0, 0], (images[0].float() / 255 - 0.5) / 0.5, atol=1e-6)  # identity view
 
 
@@ -70,7 +72,11 @@ def test_op_bfloat16_output(op, device, C):
     err = (got.cpu().float() - want).abs()
     assert (err <= 2 ** -8 * want.abs() + 1e-4).all(), err.max()
     fp32 = op(images, params, 40, 5, mean, std)
-    assert torch.equal(got, fp32.to(torch.bfloat16))  # same float32 result, rounded to nearest even once
+    if device == "cpu":
+        assert torch.equal(got, fp32.to(torch.bfloat16))  # same float32 result, rounded to nearest even once
+    else:  # nvcc may fuse multiply-adds differently in the two instantiations: the float32 values can differ in
+        # their last bit, which flips a rounding near a tie (seen on an H100): at most one bf16 ulp apart
+        assert ((got.float() - fp32.to(torch.bfloat16).float()).abs() <= 2 ** -8 * fp32.abs().cpu().to(got.device)).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -123,7 +129,7 @@ def test_op_rejects_device_mismatch(op):
 def test_dispatch_uses_op_and_falls_back_with_one_warning(op, monkeypatch):
     images, params = batch(4, 1, 28, 28, seed=3)
     args = (images, params, 28, [0.5], [0.2])
-    assert torch.allclose(aug.augment(*args), augment_reference(*args), atol=TOL)
+    assert torch.allclose(aug.augment(*args), augment_reference(*args), atol=TOL["cpu"])
     monkeypatch.setenv("MEDSSL_OP", "0")  # forced reference: bit-identical to it
     assert torch.equal(aug.augment(*args), augment_reference(*args))
     monkeypatch.setenv("MEDSSL_OP", "1")
