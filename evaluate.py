@@ -206,7 +206,7 @@ def train_with_labels(net, ds, mean, std, epochs, lr, backbone_lr_scale, batch_s
                 logits = head(net(xb)).float()
             loss = F.cross_entropy(logits, y[idx])
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"supervised loss is {loss.item()}: try a lower --lr")
+                raise FloatingPointError(f"cross-entropy loss is {loss.item()}: try a lower learning rate")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -254,7 +254,8 @@ def main(argv=None):
     ap.add_argument("--imagenet-size", type=int, default=224, help="--init imagenet: input side the images are "
                                                                    "resized to (the weights' training resolution)")
     ap.add_argument("--epochs", type=int, default=100, help="--init supervised: epochs (the SSL methods' budget)")
-    ap.add_argument("--lr", type=float, default=0.1, help="--init supervised: SGD learning rate for a batch of 256, scaled linearly with the batch size")
+    ap.add_argument("--lr", type=float, default=0.1, help="--init supervised: SGD learning rate for a batch of 256, "
+                                                         "scaled linearly with the batch size")
     ap.add_argument("--batch-size", type=int, default=256, help="--init supervised: images per step")
     ap.add_argument("--train-subset", type=int, default=0, help="use a random N-image subset of the train split")
     ap.add_argument("--seed", type=int, default=0)

@@ -42,7 +42,7 @@ NAMES = {"random": "random init", "supervised": "supervised (scratch)", "imagene
 PROTOCOLS = [("knn", "kNN"), ("linear_1pct", "linear 1%"), ("linear_10pct", "linear 10%"), ("linear", "linear 100%"),
              ("finetune", "fine-tune"), ("supervised", "supervised head")]
 FRACTIONS = {"linear_1pct": 1, "linear_10pct": 10, "linear": 100}  # protocol -> % of train labels
-ANCHORS = {"pneumonia": (0.854, 0.944), "breast": (0.863, 0.901)}  # MedMNIST v2 ResNet-18 (28), ACC / AUC
+CLASSES = {"pneumonia": ["normal", "pneumonia"], "breast": ["malignant", "normal/benign"]}  # MedMNIST's label names
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -76,6 +76,7 @@ def run_one(model, data, seed, p, a):
            "train_subset": p["subset"], "n_train": p["n_train"]}
     if os.path.exists(done):
         print(f"[skip] {key}: {done} exists")
+        rec["skipped"] = True
     else:
         os.makedirs(run, exist_ok=True)
         cmd = command(model, data, seed, p, run, a)
@@ -146,8 +147,9 @@ def write_table(records, datasets, p, a, wall):
              f"- Command: `python reproduce.py {' '.join(a.argv)}` (`make reproduce PRESET={a.preset}` runs "
              f"`python reproduce.py --preset {a.preset}`)",
              f"- Date: {datetime.date.today().isoformat()}; machine: {machine()}",
-             f"- Wall time of this invocation: {wall / 60:.1f} min; sum of the runs' own wall times: "
-             f"{sum(r.get('wall_s') or 0 for r in records) / 60:.1f} min ({len(records)} runs)",
+             f"- Wall time of this invocation: {wall / 60:.1f} min ({sum(r.get('skipped', False) for r in records)} of "
+             f"{len(records)} runs skipped as already done); sum of the runs' own wall times, when they ran: "
+             f"{sum(r.get('wall_s') or 0 for r in records) / 60:.1f} min",
              f"- Backbone {p['arch']}, {p['size']} px, {p['epochs']} epochs (SSL and supervised), seeds "
              f"{p['seeds']}, fine-tune {p['finetune_epochs']} epochs; train images per dataset under its heading. "
              f"Metrics on each dataset's test split; mean ± sample std over seeds where there are several.",
@@ -260,7 +262,12 @@ def figures(records, datasets, out):
             e = r["results"]["embedding"]
             xy, y = torch.tensor(e["xy"]), torch.tensor(e["y"])
             for c in y.unique().tolist():
-                ax.scatter(*xy[y == c].T, s=3, alpha=0.6, label=f"class {c}")
+                name = CLASSES[d][c] if d in CLASSES else f"class {c}"
+                ax.scatter(*xy[y == c].T, s=3, alpha=0.6, label=name)
+            lo, hi = xy.quantile(0.01, dim=0), xy.quantile(0.99, dim=0)  # a few outliers would squash the rest
+            pad = (hi - lo) * 0.1
+            ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+            ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
             if j == 0:
                 ax.legend(fontsize=6, markerscale=3)
     fig.tight_layout()

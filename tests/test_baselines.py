@@ -147,3 +147,12 @@ def test_reproduce_end_to_end_skips_done_runs(tmp_path):
     assert rec["status"] == "ok" and rec["curves"]["epoch"] == [1] and "finetune" in rec["results"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert r.returncode == 0 and "[skip] simclr-pneumonia-s0" in r.stdout and "[skip] random-pneumonia-s0" in r.stdout
+
+
+def test_training_with_labels_stops_on_a_non_finite_loss(tmp_path):
+    np.savez(tmp_path / "pneumoniamnist.npz", **make_arrays(n=(32, 8, 8), seed=1))
+    ds = common.load_dataset("pneumonia", 28, str(tmp_path))
+    mean, std = common.channel_stats(ds["train"][0])
+    net, _ = common.make_backbone("resnet18", 1, 28)
+    with pytest.raises(FloatingPointError, match="cross-entropy loss is (nan|inf).*lower learning rate"):
+        evaluate.finetune(net, ds, mean, std, epochs=3, lr=1e30, backbone_lr_scale=1.0, batch_size=16)
