@@ -344,10 +344,10 @@ def sample_params(B, H, W, C, gen, views, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3
 def make_backbone(arch, channels, size, imagenet=None):
     """torchvision ResNet with its first conv taking `channels`; a 3x3 stride-1 stem without max-pool for <= 64 px.
 
-    imagenet: a state dict from imagenet_weights(). The network then keeps the architecture those weights were
-    trained with (7x7/2 stem + max-pool) and sees its input resized to `size`, e.g. 224 (as in MedMNIST v2's
-    "ResNet (224)" protocol); for 1 channel the first conv is summed over RGB, which gives a gray image the
-    response the RGB filters give the same image with three equal channels.
+    imagenet: a state dict from evaluate.imagenet_weights(). The network then keeps the architecture those
+    weights were trained with (7x7/2 stem + max-pool) and sees its input resized to `size`, e.g. 224 (as in
+    MedMNIST v2's "ResNet (224)" protocol); for 1 channel the first conv is summed over RGB, which gives a gray
+    image the response the RGB filters give the same image with three equal channels.
     Returns (backbone, feature_dim); the classification head is replaced by Identity, so backbone(x) is h.
     """
     if arch not in ("resnet18", "resnet50"):
@@ -368,45 +368,6 @@ def make_backbone(arch, channels, size, imagenet=None):
     else:
         net.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
     return net, dim
-
-
-IMAGENET = {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights"}  # torchvision's weight enums
-
-
-def imagenet_weights(arch, path=None, download=True):
-    """torchvision's ImageNet-1k weights for `arch` (without the fc head), from `path`, else from the torch hub
-    cache (<torch hub dir>/checkpoints/, where torchvision itself keeps them), else downloaded there if allowed.
-    Loaded with weights_only=True; a missing, unreadable or mismatched file raises an error saying what to do."""
-    if arch not in IMAGENET:
-        raise ValueError(f"--arch {arch!r}: ImageNet weights exist for {', '.join(IMAGENET)}")
-    url = getattr(torchvision.models, IMAGENET[arch]).DEFAULT.url
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    if path is None and not os.path.exists(cached):
-        how = (f"download {url} to {cached} on a machine with a network (or any copy of torchvision's {arch} "
-               f"ImageNet weights), or pass --weights PATH")
-        if not download:
-            raise FileNotFoundError(f"ImageNet weights for {arch} not found at {cached}: {how}")
-        try:
-            torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - offline, proxy, hash mismatch: all end the same way
-            raise FileNotFoundError(f"ImageNet weights for {arch} not found at {cached} and could not be "
-                                    f"downloaded ({type(e).__name__}: {e}): {how}") from e
-    path = path or cached
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path}: could not load as a weights file ({type(e).__name__}: {e})") from e
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    ref = getattr(torchvision.models, arch)(weights=None).state_dict()
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict of torchvision's {arch}, found {type(state).__name__}")
-    missing = [k for k in ref if not k.startswith("fc.") and k not in state]
-    wrong = [k for k in ref if k in state and tuple(state[k].shape) != tuple(ref[k].shape)]
-    if missing or wrong:
-        raise ValueError(f"{path}: not torchvision {arch} weights: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
-                         f", wrong shape {[(k, tuple(state[k].shape)) for k in wrong[:3]]}")
-    return {k: state[k] for k in ref if not k.startswith("fc.")}
 
 
 def warmup_cosine(optimizer, warmup_steps, total_steps, fixed_groups=()):

@@ -16,6 +16,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import common
 
@@ -230,6 +231,46 @@ def finetune(backbone, ds, mean, std, epochs, lr=0.05, backbone_lr_scale=0.1, ba
     return head_metrics(net, head, ds, mean, std)
 
 
+# ------------------------------------------------------------------------------------------------ baselines
+IMAGENET = {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights"}  # torchvision's weight enums
+
+
+def imagenet_weights(arch, path=None, download=True):
+    """torchvision's ImageNet-1k weights for `arch` (without the fc head), from `path`, else from the torch hub
+    cache (<torch hub dir>/checkpoints/, where torchvision itself keeps them), else downloaded there if allowed.
+    Loaded with weights_only=True; a missing, unreadable or mismatched file raises an error saying what to do."""
+    if arch not in IMAGENET:
+        raise ValueError(f"--arch {arch!r}: ImageNet weights exist for {', '.join(IMAGENET)}")
+    url = getattr(torchvision.models, IMAGENET[arch]).DEFAULT.url
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if path is None and not os.path.exists(cached):
+        how = (f"download {url} to {cached} on a machine with a network (or any copy of torchvision's {arch} "
+               f"ImageNet weights), or pass --weights PATH")
+        if not download:
+            raise FileNotFoundError(f"ImageNet weights for {arch} not found at {cached}: {how}")
+        try:
+            torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - offline, proxy, hash mismatch: all end the same way
+            raise FileNotFoundError(f"ImageNet weights for {arch} not found at {cached} and could not be "
+                                    f"downloaded ({type(e).__name__}: {e}): {how}") from e
+    path = path or cached
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: could not load as a weights file ({type(e).__name__}: {e})") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    ref = getattr(torchvision.models, arch)(weights=None).state_dict()
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict of torchvision's {arch}, found {type(state).__name__}")
+    missing = [k for k in ref if not k.startswith("fc.") and k not in state]
+    wrong = [k for k in ref if k in state and tuple(state[k].shape) != tuple(ref[k].shape)]
+    if missing or wrong:
+        raise ValueError(f"{path}: not torchvision {arch} weights: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+                         f", wrong shape {[(k, tuple(state[k].shape)) for k in wrong[:3]]}")
+    return {k: state[k] for k in ref if not k.startswith("fc.")}
+
+
 def print_table(rows):
     """rows: {name: results dict} -> a fixed-width table of the test metrics."""
     cols = ("acc", "auc", "f1_weighted", "balanced_acc")
@@ -274,7 +315,7 @@ def main(argv=None):
     else:
         data, size, arch, seed, data_dir, method, subset = a.data, a.size, a.arch, a.seed, a.data_dir, a.init, a.train_subset
     try:  # fail before loading any data, with the message alone (it says how to get the weights)
-        weights = common.imagenet_weights(arch, a.weights) if method == "imagenet" else None
+        weights = imagenet_weights(arch, a.weights) if method == "imagenet" else None
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"evaluate.py --init imagenet: {e}") from e
     ds = common.load_dataset(data, size, data_dir or None, seed, device)

@@ -36,7 +36,7 @@ def weights_file(tmp_path):
 
 def test_gray_backbone_equals_torchvision_on_an_rgb_copy(weights_file):
     path, ref = weights_file
-    net, dim = common.make_backbone("resnet18", 1, 64, imagenet=common.imagenet_weights("resnet18", str(path)))
+    net, dim = common.make_backbone("resnet18", 1, 64, imagenet=evaluate.imagenet_weights("resnet18", str(path)))
     ref.fc = torch.nn.Identity()
     net.eval(), ref.eval()
     x = torch.rand(3, 1, 28, 28)
@@ -45,7 +45,7 @@ def test_gray_backbone_equals_torchvision_on_an_rgb_copy(weights_file):
         got = net(x)
     assert dim == 512 and got.shape == (3, 512)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
-    rgb, _ = common.make_backbone("resnet18", 3, 64, imagenet=common.imagenet_weights("resnet18", str(path)))
+    rgb, _ = common.make_backbone("resnet18", 3, 64, imagenet=evaluate.imagenet_weights("resnet18", str(path)))
     assert torch.equal(rgb[1].conv1.weight, ref.conv1.weight)
 
 
@@ -54,18 +54,18 @@ def test_weights_from_the_hub_cache_and_the_offline_error(weights_file, tmp_path
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     url = torchvision.models.ResNet18_Weights.DEFAULT.url
     with pytest.raises(FileNotFoundError, match="--weights PATH") as e:
-        common.imagenet_weights("resnet18", download=False)
+        evaluate.imagenet_weights("resnet18", download=False)
     assert url in str(e.value)
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(FileNotFoundError, match="could not be downloaded .*no network.*--weights PATH"):
-        common.imagenet_weights("resnet18")
+        evaluate.imagenet_weights("resnet18")
     cached = tmp_path / "hub" / "checkpoints" / os.path.basename(url)
     cached.parent.mkdir(parents=True)
     cached.write_bytes(path.read_bytes())
-    w = common.imagenet_weights("resnet18")  # found in the cache: no download asked for
+    w = evaluate.imagenet_weights("resnet18")  # found in the cache: no download asked for
     assert torch.equal(w["layer4.1.bn2.running_var"], ref.state_dict()["layer4.1.bn2.running_var"])
     assert not any(k.startswith("fc.") for k in w)
 
@@ -74,13 +74,13 @@ def test_bad_weights_files_name_the_file(tmp_path):
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match="corrupt.pth: could not load"):
-        common.imagenet_weights("resnet18", str(corrupt))
+        evaluate.imagenet_weights("resnet18", str(corrupt))
     other = tmp_path / "r50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), other)
     with pytest.raises(ValueError, match="r50.pth: not torchvision resnet18 weights"):
-        common.imagenet_weights("resnet18", str(other))
+        evaluate.imagenet_weights("resnet18", str(other))
     with pytest.raises(ValueError, match="ImageNet weights take 1 or 3 channels"):
-        common.make_backbone("resnet50", 2, 64, imagenet=common.imagenet_weights("resnet50", str(other)))
+        common.make_backbone("resnet50", 2, 64, imagenet=evaluate.imagenet_weights("resnet50", str(other)))
 
 
 def test_evaluate_script_imagenet_and_supervised(weights_file, tmp_path):
