@@ -46,6 +46,11 @@ CLASSES = {"pneumonia": ["normal", "pneumonia"], "breast": ["malignant", "normal
 
 
 # ------------------------------------------------------------------------------------------------ runs
+def data_name(data):
+    """'pneumonia' -> 'pneumonia'; '../shared/data/chest_xray_224/' -> 'chest_xray_224' (run keys, table headings)."""
+    return os.path.basename(os.path.normpath(data))
+
+
 def command(model, data, seed, p, run, a):
     """The subprocess that makes runs/.../results.json for one model x dataset x seed."""
     py = [sys.executable, "-u"]
@@ -69,10 +74,10 @@ def command(model, data, seed, p, run, a):
 
 def run_one(model, data, seed, p, a):
     """Run (or skip) one model x dataset x seed. Returns its record: results, curves, wall time, or the failure."""
-    key = f"{model}-{os.path.basename(os.path.normpath(data))}-s{seed}"
+    key = f"{model}-{data_name(data)}-s{seed}"
     run = os.path.join(a.runs, key)
     done, info = os.path.join(run, "results.json"), os.path.join(run, "run.json")
-    rec = {"model": model, "data": os.path.basename(os.path.normpath(data)), "seed": seed, "preset": a.preset,
+    rec = {"model": model, "data": data_name(data), "seed": seed, "preset": a.preset,
            "train_subset": p["subset"], "n_train": p["n_train"]}
     if os.path.exists(done):
         print(f"[skip] {key}: {done} exists")
@@ -308,15 +313,15 @@ def main(argv=None):
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     t0 = time.time()
     records, datasets = [], []
+    order = [m for m in ("random", "supervised") if m in a.baselines] + a.methods + \
+        [m for m in ("imagenet",) if m in a.baselines]  # ImageNet last: it may fail offline
     for data in a.data + a.folders:
         # a subset only where the split is larger (BreastMNIST has 546 train images: it is used whole)
         n_train = len(common.load_dataset(data, p["size"], a.data_dir or None, 0)["train"][1])
         p["subset"] = p["train_subset"] if 0 < p["train_subset"] < n_train else 0
         p["n_train"] = n_train
-        datasets.append(os.path.basename(os.path.normpath(data)))
+        datasets.append(data_name(data))
         for seed in p["seeds"]:
-            order = [m for m in ("random", "supervised") if m in a.baselines] + a.methods + \
-                    [m for m in ("imagenet",) if m in a.baselines]  # ImageNet last: it may fail offline
             for model in order:
                 rec = run_one(model, data, seed, p, a)
                 records.append(rec)

@@ -1,7 +1,6 @@
 """Issue 5's baselines and reproduce: ImageNet weights (file, hub cache, offline error, bad files), the 1-channel
 conv1 against torchvision on an RGB copy, the supervised baseline, and reproduce.py end to end on tiny data."""
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -123,7 +122,6 @@ def test_mean_std_and_curves(tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     c = reproduce.curves(str(log))
     assert c == {"epoch": [1, 2], "loss": [3.0, 1.0], "knn_epoch": [1], "knn_auc": [0.7]}
-    assert not math.isnan(sum(c["loss"]))
 
 
 def test_reproduce_end_to_end_skips_done_runs(tmp_path):
