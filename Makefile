@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 MEDSSL_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),data)
 export MEDSSL_DATA_DIR
 
-.PHONY: test run reproduce bench gpu-check check-cuda clean
+.PHONY: test run reproduce bench gpu-data gpu-check check-cuda clean
 
 $(VENV)/.stamp: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ test: $(VENV)/.stamp
 	$(PY) -m pytest -q tests
 
 run: $(VENV)/.stamp
-	$(PY) simclr.py --data pneumonia --epochs 10
+	$(PY) simclr.py --data pneumonia --epochs 10 --warmup-epochs 1
 
 # the paper's study (reproduce.py): PRESET=cpu (<= 45 min on 2 cores) or PRESET=paper (a GPU); more in ARGS,
 # e.g. make reproduce ARGS="--folders ../shared/data/chest_xray_224". Finished runs are skipped on a rerun.
@@ -30,6 +30,14 @@ reproduce: $(VENV)/.stamp
 
 bench: $(VENV)/.stamp
 	$(PY) bench.py
+
+# `make reproduce PRESET=gpu` on a machine without ../shared: `make gpu-data` copies (or downloads) the npz files the
+# gpu preset reads into gpu-data/ (git-ignored), which travels with the tree; then ARGS="--data-dir gpu-data".
+gpu-data: $(VENV)/.stamp
+	mkdir -p gpu-data
+	$(PY) -c "import common, os, shutil; [shutil.copyfile(p, os.path.join('gpu-data', os.path.basename(p))) \
+	  for p in (common.find_medmnist(f, s, '$(MEDSSL_DATA_DIR)') for f, s in (('pneumoniamnist', 28), ('breastmnist', 28), ('breastmnist', 64)))]"
+	ls -l gpu-data
 
 # on a machine with a GPU: build the CUDA op, run the op tests (CUDA ones included) and the GPU benchmark
 gpu-check: $(VENV)/.stamp

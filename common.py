@@ -296,6 +296,22 @@ class ViewProbs:
     solarize: float = 0.0
 
 
+# Augmentation strength by image size. The ImageNet recipe (crops down to 8% of the area, Gaussian blur, jitter 0.4)
+# erases most of a 28 px image; the small-image values were chosen on the val split (results/ABLATION.md). On gray
+# images (X-rays, ultrasound) "colour" jitter is brightness and contrast only: saturation, hue and grayscale are
+# identities on one channel.
+AUGMENT = {"small": dict(min_scale=0.08, jitter=0.4, blur=0), "large": dict(min_scale=0.08, jitter=0.4, blur=1)}
+
+
+def augmentation(size, views, min_scale=0.0, jitter=-1.0, blur=-1):
+    """The sample_params keywords of a run: the method's views, crop scale and jitter strength, from --min-scale,
+    --jitter and --blur where given (> 0, >= 0, >= 0), else AUGMENT's values for the size (small: <= 64 px)."""
+    d = AUGMENT["small" if size <= 64 else "large"]
+    s = d["jitter"] if jitter < 0 else jitter
+    views = tuple(dataclasses.replace(v, blur=v.blur if (d["blur"] if blur < 0 else blur) else 0.0) for v in views)
+    return dict(views=views, scale=(min_scale or d["min_scale"], 1.0), strength=(s, s, s, s / 4))
+
+
 def sample_params(B, H, W, C, gen, views, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), strength=(0.4, 0.4, 0.4, 0.1)):
     """Draw the (V, B, P) params tensor (layout: csrc/augment.py) from `gen`, one ViewProbs per view.
 
@@ -340,7 +356,7 @@ def sample_params(B, H, W, C, gen, views, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3
     return p
 
 
-# ------------------------------------------------------------------------------------------------ backbone
+# ------------------------------------------------------------------------------------------------ backbone, optimizer
 def make_backbone(arch, channels, size, imagenet=None):
     """torchvision ResNet with its first conv taking `channels`; a 3x3 stride-1 stem without max-pool for <= 64 px.
 
@@ -368,6 +384,49 @@ def make_backbone(arch, channels, size, imagenet=None):
     else:
         net.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
     return net, dim
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose step for each weight matrix is scaled by a layer-wise trust ratio (You et al. 2017,
+    arXiv 1708.03888), as the BYOL and Barlow Twins papers train. For a weight w with gradient g:
+
+        trust = eta ||w|| / (||g|| + wd ||w||)           with clip_lr: trust = min(trust / lr, 1)   (solo-learn)
+        buf <- momentum buf + trust (g + wd w);   w <- w - lr buf
+
+    so a layer moves by about eta of its own norm per step whatever its gradient's scale (with clip_lr: never
+    faster than plain SGD at the scheduled lr). 1-D parameters (biases, BN weights) are excluded from weight decay
+    and adaptation, as in those papers: a plain momentum-SGD step.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip_lr=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip_lr=clip_lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:  # the torch.optim contract (L-BFGS-style callers); the method files pass none
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                g = w.grad
+                if w.ndim > 1:  # weight matrices and conv kernels; biases and norm parameters skip this
+                    w_norm, g_norm = w.norm(), g.norm()
+                    trust = group["eta"] * w_norm / (g_norm + wd * w_norm + 1e-8)
+                    if group["clip_lr"]:
+                        trust = (trust / max(lr, 1e-12)).clamp(max=1.0)
+                    # a layer whose weight or gradient is all zero has no ratio to take: plain step
+                    g = g.add(w, alpha=wd) * torch.where((w_norm > 0) & (g_norm > 0), trust, 1.0)
+                buf = self.state[w].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[w]["momentum_buffer"] = g.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(g)
+                w.add_(buf, alpha=-lr)
+        return loss
 
 
 def warmup_cosine(optimizer, warmup_steps, total_steps, fixed_groups=()):
@@ -404,11 +463,15 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{path}: not a readable medssl checkpoint ({type(e).__name__}: {e})") from e
 
 
+def write_text(path, text):
+    """Write to path.tmp, then rename: a reader never sees a half-written file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def log_jsonl(path, row):

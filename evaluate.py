@@ -69,7 +69,8 @@ def fit_logistic(x, y, n_classes, wd, max_iter=300):
 
 
 def linear_probe(train_f, train_y, val_f, val_y, test_f, n_classes, wds=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)):
-    """Linear probe on standardized frozen features; L2 strength chosen by val AUC, reported on test."""
+    """Linear probe on standardized frozen features; L2 strength chosen by val AUC. Returns the test probabilities,
+    {'wd', 'val_auc'} and the probe as an nn.Linear on the raw features (the standardization folded in)."""
     mu, sd = train_f.mean(0), train_f.std(0).clamp(min=1e-6)  # train statistics only: no test leakage
     norm = lambda f: (f - mu) / sd
     best = None
@@ -78,8 +79,12 @@ def linear_probe(train_f, train_y, val_f, val_y, test_f, n_classes, wds=(1e-5, 1
         score = metrics(val_y, (norm(val_f) @ W + b).softmax(1))["auc"]
         if best is None or score > best[0]:
             best = (score, wd, W, b)
-    _, wd, W, b = best
-    return (norm(test_f) @ W + b).softmax(1), wd
+    val_auc, wd, W, b = best
+    head = torch.nn.Linear(W.shape[0], n_classes).to(W.device)
+    with torch.no_grad():  # (f - mu) / sd @ W + b  ==  f @ (W / sd) + (b - (mu / sd) @ W)
+        head.weight.copy_((W / sd[:, None]).T)
+        head.bias.copy_(b - (mu / sd) @ W)
+    return (norm(test_f) @ W + b).softmax(1), {"wd": wd, "val_auc": val_auc}, head
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -123,13 +128,37 @@ def metrics(y, probs):
             "balanced_acc": sum(recalls) / len(recalls)}
 
 
+def bootstrap_auc(y, probs, n=1000, seed=0):
+    """95% percentile interval of the test AUC over n bootstrap resamples of the test set (resamples that lose a
+    class are redrawn), for runs with one seed: the spread the test set's finite size alone puts on the AUC."""
+    y, probs = y.cpu(), probs.float().cpu()
+    g = torch.Generator().manual_seed(seed)
+    aucs = []
+    while len(aucs) < n:
+        idx = torch.randint(0, len(y), (len(y),), generator=g)
+        if len(y[idx].unique()) == len(y.unique()):
+            aucs.append(metrics(y[idx], probs[idx])["auc"])
+    return torch.tensor(aucs).quantile(torch.tensor([0.025, 0.975])).tolist()
+
+
 # ------------------------------------------------------------------------------------------------ protocols
-def knn_eval(backbone, ds, mean, std, split="val"):
-    """Online monitor during training: kNN on `split` with the train split as the memory bank."""
-    (xtr, ytr), (xte, yte) = ds["train"], ds[split]
-    probs = knn_predict(extract_features(backbone, xtr, mean, std), ytr,
-                        extract_features(backbone, xte, mean, std), ds["n_classes"])
-    return metrics(yte, probs)
+KS = (5, 10, 20, 50, 100, 200)
+
+
+def knn_select(train_f, train_y, val_f, val_y, n_classes, ks=KS):
+    """k for the kNN classifier, chosen on the val split: the best balanced accuracy (a majority-class vote scores
+    1/K on it, whatever the class sizes), ties broken by AUC, then by the smaller k. -> (k, val metrics)."""
+    ks = [k for k in ks if k <= len(train_f)] or [len(train_f)]  # never more neighbours than train images
+    scored = [(metrics(val_y, knn_predict(train_f, train_y, val_f, n_classes, k=k)), k) for k in ks]
+    m, k = max(scored, key=lambda t: (t[0]["balanced_acc"], t[0]["auc"], -t[1]))
+    return k, m
+
+
+def knn_eval(backbone, ds, mean, std):
+    """Online monitor during training: kNN on the val split (train split as memory bank, k chosen on val)."""
+    f = {s: extract_features(backbone, ds[s][0], mean, std) for s in ("train", "val")}
+    k, m = knn_select(f["train"], ds["train"][1], f["val"], ds["val"][1], ds["n_classes"])
+    return {**m, "k": k}
 
 
 def label_subset(y, fraction, seed):
@@ -162,15 +191,17 @@ def evaluate(backbone, ds, mean, std, fractions=(0.01, 0.1), seed=0, finetune_ep
     f = {s: extract_features(backbone, ds[s][0], mean, std) for s in common.SPLITS}
     y = {s: ds[s][1] for s in common.SPLITS}
     K = ds["n_classes"]
-    out = {"knn": metrics(y["test"], knn_predict(f["train"], y["train"], f["test"], K))}
-    probs, wd = linear_probe(f["train"], y["train"], f["val"], y["val"], f["test"], K)
-    out["linear"] = {**metrics(y["test"], probs), "wd": wd}
+    test = lambda probs: {**metrics(y["test"], probs), "auc_ci95": bootstrap_auc(y["test"], probs, seed=seed)}
+    k, val = knn_select(f["train"], y["train"], f["val"], y["val"], K)
+    out = {"knn": {**test(knn_predict(f["train"], y["train"], f["test"], K, k=k)), "k": k, "val_auc": val["auc"]}}
+    probs, info, head = linear_probe(f["train"], y["train"], f["val"], y["val"], f["test"], K)
+    out["linear"] = {**test(probs), **info}
     for frac in fractions:
         idx = label_subset(y["train"], frac, seed)
-        probs, wd = linear_probe(f["train"][idx], y["train"][idx], f["val"], y["val"], f["test"], K)
-        out[f"linear_{frac * 100:g}pct"] = {**metrics(y["test"], probs), "wd": wd, "n_labels": len(idx)}
-    if finetune_epochs:
-        out["finetune"] = {**finetune(backbone, ds, mean, std, finetune_epochs, seed=seed), "epochs": finetune_epochs}
+        probs, info, _ = linear_probe(f["train"][idx], y["train"][idx], f["val"], y["val"], f["test"], K)
+        out[f"linear_{frac * 100:g}pct"] = {**test(probs), **info, "n_labels": len(idx)}
+    if finetune_epochs:  # LP-FT: the fine-tune starts from the linear probe's head
+        out["finetune"] = finetune(backbone, head, ds, mean, std, finetune_epochs, seed=seed)
     out["embedding"] = embed_2d(f["test"], y["test"], seed=seed)
     return out
 
@@ -180,55 +211,63 @@ CROP_FLIP = common.ViewProbs(jitter=0.0, gray=0.0, blur=0.0, solarize=0.0)
 SSL_VIEW = common.ViewProbs(jitter=0.8, gray=0.2, blur=0.5, solarize=0.0)
 
 
-def train_with_labels(net, ds, mean, std, epochs, lr, backbone_lr_scale, batch_size, seed, view):
-    """Backbone + a new linear head trained on the train labels with cross-entropy (SGD, momentum 0.9, cosine LR),
-    one augmented view per image per step; the backbone's LR is lr * backbone_lr_scale. Returns the head; net is
-    trained in place. Shared by the fine-tune protocol and the supervised-from-scratch baseline."""
+@torch.no_grad()
+def head_probs(net, head, ds, mean, std, split):
+    """Class probabilities of backbone + linear head on a split (eval mode)."""
+    return head(extract_features(net, ds[split][0], mean, std)).softmax(1)
+
+
+def train_with_labels(net, head, ds, mean, std, epochs, lr, backbone_lr_scale, batch_size, seed, view):
+    """Backbone + linear head trained on the train labels with cross-entropy (SGD, momentum 0.9, cosine LR), one
+    augmented view per image per step (the crop scale of the image size, common.AUGMENT); the backbone's LR is
+    lr * backbone_lr_scale. Both are trained in place. The val AUC is measured after every epoch (and before the
+    first, epoch 0); returns the test metrics of the best-val epoch, with that epoch and its val AUC. Shared by the
+    fine-tune protocol and the supervised-from-scratch baseline."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x, y = ds["train"]
     N, C, H, W = x.shape
-    with torch.no_grad():  # the feature width, from a forward pass in eval mode (leaves BN statistics alone)
-        feat_dim = net.eval()(x[:2].float()).shape[1]
-    net.train()
-    head = torch.nn.Linear(feat_dim, ds["n_classes"]).to(x.device)
+    aug = common.augmentation(H, (view,))
     B = min(batch_size, N)
     steps = max(1, N // B)
     opt = torch.optim.SGD([{"params": net.parameters(), "lr": lr * backbone_lr_scale}, {"params": head.parameters()}],
                           lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = common.warmup_cosine(opt, 0, epochs * steps)
-    for _ in range(epochs):
-        perm = torch.randperm(N, generator=gen).to(x.device)
-        for step in range(steps):
-            idx = perm[step * B:(step + 1) * B]
-            params = common.sample_params(len(idx), H, W, C, gen, views=(view,)).to(x.device)
-            (xb,) = common.augment(x[idx], params, H, mean, std)  # (B, C, H, W): one view
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-                logits = head(net(xb)).float()
-            loss = F.cross_entropy(logits, y[idx])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"cross-entropy loss is {loss.item()}: try a lower learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    best = None
+    for epoch in range(epochs + 1):
+        if epoch:  # epoch 0 only scores the starting point (for LP-FT: the linear probe itself)
+            net.train()
+            perm = torch.randperm(N, generator=gen).to(x.device)
+            for step in range(steps):
+                idx = perm[step * B:(step + 1) * B]
+                params = common.sample_params(len(idx), H, W, C, gen, **aug).to(x.device)
+                (xb,) = common.augment(x[idx], params, H, mean, std)  # (B, C, H, W): one view
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+                    logits = head(net(xb)).float()
+                loss = F.cross_entropy(logits, y[idx])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"cross-entropy loss is {loss.item()}: try a lower learning rate")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        val_auc = metrics(ds["val"][1], head_probs(net, head, ds, mean, std, "val"))["auc"]
+        if best is None or val_auc > best[0]:  # ties keep the earlier epoch
+            best = (val_auc, epoch, head_probs(net, head, ds, mean, std, "test"))
     net.eval()
-    return head
+    val_auc, epoch, probs = best
+    return {**metrics(ds["test"][1], probs), "auc_ci95": bootstrap_auc(ds["test"][1], probs, seed=seed),
+            "epoch": epoch, "epochs": epochs, "val_auc": val_auc}
 
 
-@torch.no_grad()
-def head_metrics(net, head, ds, mean, std):
-    """Test metrics of a backbone + linear head trained end to end."""
-    return metrics(ds["test"][1], head(extract_features(net, ds["test"][0], mean, std)).softmax(1))
-
-
-def finetune(backbone, ds, mean, std, epochs, lr=0.05, backbone_lr_scale=0.1, batch_size=128, seed=0):
-    """End-to-end fine-tuning (the paper's third protocol) of a copy of the backbone (the caller's stays as it was)
-    with a linear head, crop + flip only (a colour change could erase a diagnostic cue), the backbone at a smaller
-    LR than the head so that fine-tuning adapts rather than overwrites the pre-trained features. Test metrics."""
-    net = copy.deepcopy(backbone)
-    head = train_with_labels(net, ds, mean, std, epochs, lr, backbone_lr_scale, batch_size, seed, CROP_FLIP)
-    return head_metrics(net, head, ds, mean, std)
+def finetune(backbone, head, ds, mean, std, epochs, lr=0.05, backbone_lr_scale=0.1, batch_size=128, seed=0):
+    """End-to-end fine-tuning (the paper's third protocol) as LP-FT (Kumar et al. 2022, arXiv 2202.10054): a copy
+    of the backbone (the caller's stays as it was) with the linear probe's head as the starting head, so the first
+    steps refine the probe instead of pushing a random head's gradients into the features; crop + flip only (a
+    colour change could erase a diagnostic cue); the backbone at a tenth of the head's LR. Reports the test metrics
+    of the epoch with the best val AUC (0: the probe was not improved on)."""
+    return train_with_labels(copy.deepcopy(backbone), copy.deepcopy(head), ds, mean, std, epochs, lr,
+                             backbone_lr_scale, batch_size, seed, CROP_FLIP)
 
 
 # ------------------------------------------------------------------------------------------------ baselines
@@ -323,9 +362,9 @@ def main(argv=None):
         common.take_subset(ds, subset, seed)
     torch.manual_seed(seed)
     if weights is not None:
-        backbone, _ = common.make_backbone(arch, ds["channels"], a.imagenet_size, imagenet=weights)
+        backbone, dim = common.make_backbone(arch, ds["channels"], a.imagenet_size, imagenet=weights)
     else:
-        backbone, _ = common.make_backbone(arch, ds["channels"], size)
+        backbone, dim = common.make_backbone(arch, ds["channels"], size)
     if a.checkpoint:
         prefix = "backbone."
         backbone.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
@@ -337,8 +376,9 @@ def main(argv=None):
     res = {"method": method, "data": data, "size": size, "epochs": ckpt.get("epoch", 0) if a.checkpoint else 0}
     if method == "supervised":  # same backbone, augmentation and epoch budget as the SSL methods, but with labels
         lr = a.lr * a.batch_size / 256  # the linear scaling rule, as in the method files
-        head = train_with_labels(backbone, ds, mean, std, a.epochs, lr, 1.0, a.batch_size, seed, SSL_VIEW)
-        res.update(epochs=a.epochs, supervised=head_metrics(backbone, head, ds, mean, std))
+        head = torch.nn.Linear(dim, ds["n_classes"]).to(device)
+        sup = train_with_labels(backbone, head, ds, mean, std, a.epochs, lr, 1.0, a.batch_size, seed, SSL_VIEW)
+        res.update(epochs=a.epochs, supervised=sup)
     res.update(evaluate(backbone, ds, mean, std, seed=seed, finetune_epochs=a.finetune_epochs))
     print_table({f"{method} ({ds['name']}, {size}px)": res})
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -13,6 +13,7 @@ offline) is reported in the table and the others go on. Outputs: results/RESULTS
 results/{curves,label_efficiency,embedding}.png.
 """
 import argparse
+import concurrent.futures
 import datetime
 import json
 import math
@@ -25,66 +26,109 @@ import time
 import torch
 
 import common
+import evaluate
 
+# A preset's `data` entries are MedMNIST flags or folders, "@64" picks another image size than the preset's `size`;
+# epochs and batch_size are one value or one per data entry.
 PRESETS = {
-    "cpu": dict(arch="resnet18", size=28, epochs=10, seeds=[0], train_subset=1000, eval_every=2, finetune_epochs=5,
-                imagenet_size=224, note="CPU preset: 28 px, ResNet-18, 10 epochs, a seeded 1000-image train subset "
-                "(pre-training, probes and fine-tune), one seed. A smoke-scale study that runs in minutes, not the "
-                "paper's 200-epoch numbers."),
-    "paper": dict(arch="resnet50", size=224, epochs=200, seeds=[0, 1, 2], train_subset=0, eval_every=10,
-                  finetune_epochs=20, imagenet_size=224, note="Paper preset: ResNet-50, 224 px, 200 epochs, full "
-                  "train splits, 3 seeds (mean +- sample std). Meant for a GPU."),
+    "cpu": dict(arch="resnet18", size=28, data=["pneumonia"], epochs=3, batch_size=32, warmup_epochs=1, seeds=[0],
+                train_subset=1000, eval_every=1, finetune_epochs=1, imagenet_size=224, jobs=1,
+                note="CPU preset: PneumoniaMNIST 28 px, ResNet-18, 3 epochs of a seeded 1000-image train subset at "
+                "batch 32 (93 steps; pre-training, probes and fine-tune), one seed, fine-tune 1 epoch, within 45 min "
+                "on 2 cores. A smoke-scale study: it shows whether each method starts to learn, not the converged "
+                "answer (see the gpu preset)."),
+    "gpu": dict(arch="resnet18", size=28, data=["pneumonia", "breast", "breast@64"],
+                epochs={"pneumonia": 200, "breast": 400, "breast@64": 200},
+                batch_size={"pneumonia": 256, "breast": 128, "breast@64": 128}, warmup_epochs=10, seeds=[0, 1, 2],
+                train_subset=0, eval_every=20, finetune_epochs=20, imagenet_size=224, jobs=4,
+                note="GPU preset: ResNet-18 on PneumoniaMNIST 28 px (200 epochs, 18 steps each = 3,600 steps), "
+                "BreastMNIST 28 px (400 epochs x 4 steps = 1,600 steps) and 64 px (200 epochs x 4 steps = 800 steps), "
+                "full train splits, 3 seeds, several runs at once on the one GPU (--jobs). Targets: best SSL linear "
+                "AUC >= 0.975 on PneumoniaMNIST-28, every SSL method >= random init + 0.02 (3-seed mean), best "
+                "BreastMNIST-64 linear AUC >= 0.90, 10% of the labels within 0.01 AUC of 100%."),
+    "paper": dict(arch="resnet50", size=224, data=["pneumonia", "breast"], epochs=200, batch_size=256,
+                  warmup_epochs=10, seeds=[0, 1, 2], train_subset=0, eval_every=10, finetune_epochs=20,
+                  imagenet_size=224, jobs=1, note="Paper preset: ResNet-50, 224 px, 200 epochs, full train splits, "
+                  "3 seeds (mean +- sample std). Meant for a GPU."),
 }
-METHODS = ["simclr", "byol", "simsiam", "barlow"]
+METHODS = ["simclr", "dclw", "byol", "simsiam", "barlow", "vicreg"]
 BASELINES = ["random", "supervised", "imagenet"]
+SSL = set(METHODS)
 NAMES = {"random": "random init", "supervised": "supervised (scratch)", "imagenet": "ImageNet transfer",
-         "simclr": "SimCLR", "byol": "BYOL", "simsiam": "SimSiam", "barlow": "Barlow Twins"}
+         "simclr": "SimCLR", "dclw": "DCLW", "byol": "BYOL", "simsiam": "SimSiam", "barlow": "Barlow Twins",
+         "vicreg": "VICReg"}
 PROTOCOLS = [("knn", "kNN"), ("linear_1pct", "linear 1%"), ("linear_10pct", "linear 10%"), ("linear", "linear 100%"),
              ("finetune", "fine-tune"), ("supervised", "supervised head")]
 FRACTIONS = {"linear_1pct": 1, "linear_10pct": 10, "linear": 100}  # protocol -> % of train labels
 CLASSES = {"pneumonia": ["normal", "pneumonia"], "breast": ["malignant", "normal/benign"]}  # MedMNIST's label names
+# augmentation variants of the ablation (--ablate), SimCLR on PneumoniaMNIST-28, scored on the val split
+ABLATION = {"paper recipe (crop 0.08, jitter 0.4, blur)": ["--min-scale", "0.08", "--jitter", "0.4", "--blur", "1"],
+            "no blur": ["--min-scale", "0.08", "--jitter", "0.4", "--blur", "0"],
+            "no blur, crop >= 0.2": ["--min-scale", "0.2", "--jitter", "0.4", "--blur", "0"],
+            "no blur, crop >= 0.2, jitter 0.8": ["--min-scale", "0.2", "--jitter", "0.8", "--blur", "0"],
+            "no blur, crop >= 0.4": ["--min-scale", "0.4", "--jitter", "0.4", "--blur", "0"]}
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def data_name(data):
-    """'pneumonia' -> 'pneumonia'; '../shared/data/chest_xray_224/' -> 'chest_xray_224' (run keys, table headings)."""
-    return os.path.basename(os.path.normpath(data))
+def parse_spec(spec, default_size):
+    """'breast@64' -> ('breast', 64); 'pneumonia' -> ('pneumonia', default_size); a folder may contain '@'."""
+    data, at, size = spec.rpartition("@")
+    if not at or os.path.isdir(spec):
+        return spec, default_size
+    if not size.isdigit():
+        raise SystemExit(f"data entry {spec!r}: expected NAME or NAME@SIZE (e.g. breast@64)")
+    return data, int(size)
 
 
-def command(model, data, seed, p, run, a):
+def data_name(data, size):
+    """('pneumonia', 28) -> 'pneumonia-28'; ('../shared/data/chest_xray_224/', 64) -> 'chest_xray_224-64'."""
+    return f"{os.path.basename(os.path.normpath(data))}-{size}"
+
+
+def setting(p, key, spec):
+    """A preset value that is either one value for every data entry or a dict keyed by the entry."""
+    v = p[key]
+    return v.get(spec, v.get(spec.split("@")[0])) if isinstance(v, dict) else v
+
+
+def command(model, data, size, seed, cfg, run, cli):
     """The subprocess that makes runs/.../results.json for one model x dataset x seed."""
     py = [sys.executable, "-u"]
-    common_args = ["--data", data, "--size", str(p["size"]), "--arch", p["arch"], "--seed", str(seed),
-                   "--finetune-epochs", str(p["finetune_epochs"])]
-    if p["subset"]:
-        common_args += ["--train-subset", str(p["subset"])]
-    if a.data_dir:
-        common_args += ["--data-dir", a.data_dir]
-    if model in METHODS:
-        cmd = py + [f"{model}.py", *common_args, "--epochs", str(p["epochs"]), "--eval-every", str(p["eval_every"]),
-                    "--out", run]
+    common_args = ["--data", data, "--size", str(size), "--arch", cfg["arch"], "--seed", str(seed),
+                   "--finetune-epochs", str(cfg["finetune_epochs"]), "--batch-size", str(cfg["batch_size"])]
+    if cfg["subset"]:
+        common_args += ["--train-subset", str(cfg["subset"])]
+    if cli.data_dir:
+        common_args += ["--data-dir", cli.data_dir]
+    if model in SSL:
+        cmd = py + [f"{model}.py", *common_args, "--epochs", str(cfg["epochs"]), "--eval-every", str(cfg["eval_every"]),
+                    "--warmup-epochs", str(cfg["warmup_epochs"]), "--out", run, *cfg.get("extra", [])]
         return cmd + (["--resume"] if os.path.exists(os.path.join(run, "checkpoint.pt")) else [])
     cmd = py + ["evaluate.py", "--init", model, *common_args, "--out", os.path.join(run, "results.json")]
     if model == "supervised":
-        cmd += ["--epochs", str(p["epochs"])]
+        cmd += ["--epochs", str(cfg["epochs"])]
     if model == "imagenet":
-        cmd += ["--imagenet-size", str(p["imagenet_size"])] + (["--weights", a.weights] if a.weights else [])
+        cmd += ["--imagenet-size", str(cfg["imagenet_size"])] + (["--weights", cli.weights] if cli.weights else [])
     return cmd
 
 
-def run_one(model, data, seed, p, a):
-    """Run (or skip) one model x dataset x seed. Returns its record: results, curves, wall time, or the failure."""
-    key = f"{model}-{data_name(data)}-s{seed}"
-    run = os.path.join(a.runs, key)
+def run_one(model, data, size, seed, cfg, cli, run_it=True):
+    """Run (or skip) one model x dataset x seed. Returns its record: results, curves, wall time, or the failure.
+    run_it=False (a run of another --part) only reads what a finished run left."""
+    name = data_name(data, size)
+    key = f"{model}-{name}-s{seed}"
+    run = os.path.join(cli.runs, key)
     done, info = os.path.join(run, "results.json"), os.path.join(run, "run.json")
-    rec = {"model": model, "data": data_name(data), "seed": seed, "preset": a.preset,
-           "train_subset": p["subset"], "n_train": p["n_train"]}
+    rec = {"model": model, "data": name, "seed": seed, "preset": cli.preset, "train_subset": cfg["subset"],
+           "n_train": cfg["n_train"], "epochs": cfg["epochs"], "batch_size": cfg["batch_size"]}
     if os.path.exists(done):
-        print(f"[skip] {key}: {done} exists")
+        print(f"[skip] {key}: {done} exists", flush=True)
         rec["skipped"] = True
+    elif not run_it:
+        return {**rec, "status": "pending"}
     else:
         os.makedirs(run, exist_ok=True)
-        cmd = command(model, data, seed, p, run, a)
+        cmd = command(model, data, size, seed, cfg, run, cli)
         print(f"[run ] {key}: {' '.join(cmd[2:])}", flush=True)
         t0 = time.time()
         with open(os.path.join(run, "log.txt"), "a") as log:
@@ -144,55 +188,147 @@ def machine():
     return f"{cpu}, {torch.get_num_threads()} CPU threads, {gpu}, torch {torch.__version__}"
 
 
-def write_table(records, datasets, p, a, wall):
+def auc_cell(rs):
+    """Test AUC of one model and protocol over seeds: mean ± std, or for a single seed the value and its 95%
+    bootstrap interval over the test set (evaluate.bootstrap_auc)."""
+    if len(rs) == 1 and "auc_ci95" in rs[0]:
+        lo, hi = rs[0]["auc_ci95"]
+        return f"{rs[0]['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
+    return mean_std([x["auc"] for x in rs])
+
+
+def paired_delta(ok, d, model, proto):
+    """Test AUC of `model` minus the untrained backbone's on the same seeds: '+0.012 ± 0.004 (3 seeds)'."""
+    base = {r["seed"]: r["results"][proto]["auc"] for r in ok
+            if r["model"] == "random" and r["data"] == d and proto in r["results"]}
+    diffs = [r["results"][proto]["auc"] - base[r["seed"]] for r in ok
+             if r["model"] == model and r["data"] == d and r["seed"] in base and proto in r["results"]]
+    if not diffs:
+        return "–"
+    m = sum(diffs) / len(diffs)
+    if len(diffs) == 1:
+        return f"{m:+.3f} (1 seed)"
+    return f"{m:+.3f} ± {math.sqrt(sum((x - m) ** 2 for x in diffs) / (len(diffs) - 1)):.3f} ({len(diffs)} seeds)"
+
+
+def chosen(rs, proto):
+    """What the protocol chose on the val split: kNN's k, the fine-tune's best epoch (per seed)."""
+    if proto == "knn" and all("k" in x for x in rs):
+        return "k = " + ", ".join(str(x["k"]) for x in rs)
+    if proto in ("finetune", "supervised") and all("epoch" in x for x in rs):
+        return "epoch " + ", ".join(f"{x['epoch']}/{x['epochs']}" for x in rs)
+    return ""
+
+
+def mean_auc(ok, d, model, proto):
+    vals = [r["results"][proto]["auc"] for r in ok if r["model"] == model and r["data"] == d and proto in r["results"]]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summary(ok, d):
+    """The study's question for one dataset, in three numbers."""
+    ssl = {m: mean_auc(ok, d, m, "linear") for m in METHODS}
+    ssl = {m: v for m, v in ssl.items() if v is not None}
+    if not ssl:
+        return []
+    best = max(ssl, key=ssl.get)
+    rnd = mean_auc(ok, d, "random", "linear")
+    lines = [f"- Best SSL linear-probe AUC: {NAMES[best]} {ssl[best]:.3f}"
+             + (f"; untrained backbone {rnd:.3f}; every SSL method minus the untrained backbone (mean over seeds): "
+                + ", ".join(f"{NAMES[m]} {v - rnd:+.3f}" for m, v in ssl.items()) if rnd is not None else "")]
+    ten = mean_auc(ok, d, best, "linear_10pct")
+    if ten is not None:
+        lines.append(f"- {NAMES[best]} with 10% of the labels: {ten:.3f} ({ten - ssl[best]:+.3f} from 100%)")
+    return lines
+
+
+def write_table(records, datasets, cfg, cli, wall):
     ok = [r for r in records if r["status"] == "ok"]
-    lines = [f"# medssl results: preset `{a.preset}`", "",
-             f"**{p['note']}**" + (f" This invocation overrides the preset: {', '.join(a.overrides)}."
-                                   if a.overrides else ""), "",
-             f"- Command: `python reproduce.py {' '.join(a.argv)}` (`make reproduce PRESET={a.preset}` runs "
-             f"`python reproduce.py --preset {a.preset}`)",
+    lines = [f"# medssl results: preset `{cli.preset}`", "",
+             f"**{cfg['note']}**" + (f" This invocation overrides the preset: {', '.join(cli.overrides)}."
+                                     if cli.overrides else ""), "",
+             f"- Command: `python reproduce.py {' '.join(cli.argv)}` (`make reproduce PRESET={cli.preset}` runs "
+             f"`python reproduce.py --preset {cli.preset}`)",
              f"- Date: {datetime.date.today().isoformat()}; machine: {machine()}",
-             f"- Wall time of this invocation: {wall / 60:.1f} min ({sum(r.get('skipped', False) for r in records)} of "
-             f"{len(records)} runs skipped as already done); sum of the runs' own wall times, when they ran: "
-             f"{sum(r.get('wall_s') or 0 for r in records) / 60:.1f} min",
-             f"- Backbone {p['arch']}, {p['size']} px, {p['epochs']} epochs (SSL and supervised), seeds "
-             f"{p['seeds']}, fine-tune {p['finetune_epochs']} epochs; train images per dataset under its heading. "
-             f"Metrics on each dataset's test split; mean ± sample std over seeds where there are several.",
-             "- Protocols: kNN (k=200, T=0.1, cosine) and linear probe on frozen features; the probe at 1%, 10% and "
-             "100% of the train labels; fine-tune end to end; for the supervised baseline also its own head "
-             "(its backbone saw every train label, so its frozen-feature rows are not label-efficient).",
+             f"- Wall time of this invocation: {wall / 60:.1f} min with {cli.jobs} run(s) at once "
+             f"({sum(r.get('skipped', False) for r in records)} of {len(records)} runs skipped as already done); sum "
+             f"of the runs' own wall times, when they ran: {sum(r.get('wall_s') or 0 for r in records) / 60:.1f} min",
+             f"- Backbone {cfg['arch']}, seeds {cfg['seeds']}, fine-tune {cfg['finetune_epochs']} epochs; epochs, "
+             f"batch and train images per dataset under its heading. Metrics on each dataset's test split: mean ± "
+             f"sample std over seeds, or for one seed the AUC with its 95% bootstrap interval over the test set.",
+             "- Protocols: kNN (cosine, T = 0.1, k chosen on the val split from "
+             f"{', '.join(map(str, evaluate.KS))} by balanced accuracy) and linear probe (L2 chosen on val AUC) on "
+             "frozen features, the probe at 1%, 10% and 100% of the train labels; fine-tune end to end from the "
+             "probe (LP-FT), reported at the epoch with the best val AUC (0 = the probe itself); for the supervised "
+             "baseline also its own head (its backbone saw every train label, so its frozen-feature rows are not "
+             "label-efficient).",
              "- Anchors (MedMNIST v2, supervised ResNet-18 at 28 px, full data, 100 epochs): PneumoniaMNIST "
              "ACC 0.854 / AUC 0.944, BreastMNIST ACC 0.863 / AUC 0.901."]
     reasons = {}  # the same failure (ImageNet weights offline) is listed once, with every run it stopped
     for r in records:
-        if r["status"] != "ok":
+        if r["status"] == "failed":
             reasons.setdefault(r["reason"], []).append(f"{r['model']}-{r['data']}-s{r['seed']}")
-    lines += [f"- Not run: {', '.join(runs)}. {reason}" for reason, runs in reasons.items()] + [""]
+    lines += [f"- Not run: {', '.join(runs)}. {reason}" for reason, runs in reasons.items()]
+    pending = [f"{r['model']}-{r['data']}-s{r['seed']}" for r in records if r["status"] == "pending"]
+    if pending:
+        lines.append(f"- Not yet run (another --part): {', '.join(pending)}.")
+    lines.append("")
     for d in datasets:
         r0 = next(r for r in records if r["data"] == d)
         used = f"a seeded {r0['train_subset']}-image subset of" if r0["train_subset"] else "all"
-        lines += [f"## {d}", "", f"Train images: {used} {r0['n_train']}.", "",
-                  "| protocol | model | ACC | AUC | F1 (weighted) |", "|---|---|---:|---:|---:|"]
+        lines += [f"## {d}", "", f"Train images: {used} {r0['n_train']}; {r0['epochs']} epochs at batch "
+                  f"{r0['batch_size']}.", ""] + summary(ok, d) + [
+                  "", "| protocol | model | ACC | AUC | F1 (weighted) | chosen on val |", "|---|---|---:|---:|---:|---|"]
         for proto, pname in PROTOCOLS:
             for model in BASELINES + METHODS:
                 rs = [r["results"][proto] for r in ok if r["data"] == d and r["model"] == model
                       and proto in r["results"]]
                 if rs:
-                    cells = [mean_std([x[m] for x in rs]) for m in ("acc", "auc", "f1_weighted")]
-                    lines.append(f"| {pname} | {NAMES[model]} | " + " | ".join(cells) + " |")
+                    cells = [mean_std([x["acc"] for x in rs]), auc_cell(rs), mean_std([x["f1_weighted"] for x in rs])]
+                    lines.append(f"| {pname} | {NAMES[model]} | " + " | ".join(cells) + f" | {chosen(rs, proto)} |")
+        protos = [(p, n) for p, n in PROTOCOLS if p != "supervised"]
+        lines += ["", "Test AUC minus the untrained backbone's, same seeds (paired):", "",
+                  "| model | " + " | ".join(n for _, n in protos) + " |", "|---|" + "---:|" * len(protos)]
+        for model in METHODS + ["supervised", "imagenet"]:
+            if any(r["model"] == model and r["data"] == d for r in ok):
+                lines.append(f"| {NAMES[model]} | " + " | ".join(paired_delta(ok, d, model, p) for p, _ in protos) + " |")
         lines.append("")
     lines += ["## Figures", "", "![loss and online kNN](curves.png)", "",
               "![label efficiency](label_efficiency.png)", "", "![embedding](embedding.png)", "",
               "## Runs", "", "| run | status | wall (min) |", "|---|---|---:|"]
     for r in records:
-        status = "ok" if r["status"] == "ok" else "failed (see above)"
+        status = {"ok": "ok", "pending": "not yet run"}.get(r["status"], "failed (see above)")
         wall_s = r.get("wall_s")
         lines.append(f"| {r['model']}-{r['data']}-s{r['seed']} | {status} | "
                      f"{'–' if wall_s is None else f'{wall_s / 60:.1f}'} |")
-    path = os.path.join(a.out, "RESULTS.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
+    path = os.path.join(cli.out, "RESULTS.md")
+    common.write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def write_ablation(records, names, cli):
+    """results/ABLATION.md: the augmentation variants' val-split scores (never test), with their commands."""
+    lines = ["# Augmentation for small images: ablation on the val split", "",
+             f"SimCLR, preset `{cli.preset}` settings (`python reproduce.py {' '.join(cli.argv)}`); date "
+             f"{datetime.date.today().isoformat()}; machine: {machine()}. Scores on the **val** split only (kNN with "
+             "k chosen on val; linear probe with L2 chosen on val, so slightly optimistic, equally for every row); "
+             "the test split is never looked at. One seed: differences below ~0.01 AUC are noise at this size.", "",
+             "| variant | flags | val kNN AUC | val linear AUC | run |", "|---|---|---:|---:|---|"]
+    for name, r in zip(names, records):
+        flags = " ".join(ABLATION[name])
+        if r["status"] != "ok":
+            lines.append(f"| {name} | `{flags}` | – | – | {r['status']} |")
+            continue
+        res = r["results"]
+        lines.append(f"| {name} | `{flags}` | {res['knn']['val_auc']:.3f} | {res['linear']['val_auc']:.3f} | "
+                     f"{r.get('wall_s', 0) / 60:.1f} min |")
+    ok = [(name, r["results"]) for name, r in zip(names, records) if r["status"] == "ok"]
+    if ok:
+        best = lambda key: max(ok, key=lambda t: t[1][key]["val_auc"])[0]
+        lines += ["", f"Best val kNN AUC: {best('knn')}; best val linear AUC: {best('linear')}. In use for images of "
+                  f"at most 64 px (`common.AUGMENT['small']`): {common.AUGMENT['small']}."]
+    path = os.path.join(cli.out, "ABLATION.md")
+    common.write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -267,7 +403,8 @@ def figures(records, datasets, out):
             e = r["results"]["embedding"]
             xy, y = torch.tensor(e["xy"]), torch.tensor(e["y"])
             for c in y.unique().tolist():
-                name = CLASSES[d][c] if d in CLASSES else f"class {c}"
+                flag = d.rsplit("-", 1)[0]  # 'breast-64' -> 'breast'
+                name = CLASSES[flag][c] if flag in CLASSES else f"class {c}"
                 ax.scatter(*xy[y == c].T, s=3, alpha=0.6, label=name)
             lo, hi = xy.quantile(0.01, dim=0), xy.quantile(0.99, dim=0)  # a few outliers would squash the rest
             pad = (hi - lo) * 0.1
@@ -285,51 +422,84 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    ap.add_argument("--data", nargs="*", default=["pneumonia", "breast"], help="MedMNIST flags (none: folders only)")
+    ap.add_argument("--data", nargs="*", help="MedMNIST flags, NAME@SIZE for another size (default: the preset's)")
     ap.add_argument("--folders", nargs="*", default=[], help="folder datasets in the paper's layout")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--baselines", nargs="*", default=BASELINES, choices=BASELINES)
     ap.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
-    ap.add_argument("--epochs", type=int, help="override the preset's epochs")
+    ap.add_argument("--epochs", type=int, help="override the preset's epochs (every dataset)")
     ap.add_argument("--finetune-epochs", type=int, help="override the preset's fine-tune epochs")
+    ap.add_argument("--train-subset", type=int, help="override the preset's train subset (0: whole train split)")
+    ap.add_argument("--jobs", type=int, help="runs at once (default: the preset's; on one GPU, small runs share it)")
+    ap.add_argument("--part", default="1/1", help="I/N: run only the I-th of N interleaved shares of the runs (to "
+                                                  "split a study over calls); the table covers every finished run")
+    ap.add_argument("--ablate", action="store_true", help="instead of the study: SimCLR with each augmentation "
+                                                          "variant (ABLATION) on the first dataset, scored on val")
     ap.add_argument("--weights", default=None, help="ImageNet weights file for --init imagenet (default: hub cache)")
     ap.add_argument("--data-dir", default="", help="passed on to every run (default: $MEDSSL_DATA_DIR or ./data)")
     ap.add_argument("--runs", default="", help="run folders (default: runs/reproduce-<preset>)")
     ap.add_argument("--out", default="results", help="RESULTS.md, runs/*.json and figures go here")
-    a = ap.parse_args(argv)
-    a.argv = argv
-    if not a.data and not a.folders:
+    cli = ap.parse_args(argv)
+    cli.argv = argv
+    cfg = dict(PRESETS[cli.preset])
+    specs = (cfg["data"] if cli.data is None else cli.data) + cli.folders
+    if not specs:
         raise SystemExit("nothing to run: give --data flags and/or --folders")
-    for folder in a.folders:
+    for folder in cli.folders:
         if not os.path.isdir(folder):
             raise SystemExit(f"--folders {folder}: not a directory")
-    p = dict(PRESETS[a.preset])
-    a.overrides = [f"{k} {getattr(a, k)}" for k in ("seeds", "epochs", "finetune_epochs") if getattr(a, k) is not None]
-    a.overrides += [f"{k} {getattr(a, k)}" for k in ("methods", "baselines") if getattr(a, k) != ap.get_default(k)]
-    p["seeds"] = a.seeds or p["seeds"]
-    p["epochs"] = a.epochs or p["epochs"]
-    p["finetune_epochs"] = p["finetune_epochs"] if a.finetune_epochs is None else a.finetune_epochs
-    a.runs = a.runs or os.path.join("runs", f"reproduce-{a.preset}")
-    os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
+    try:
+        part, n_parts = (int(x) for x in cli.part.split("/"))
+        assert 1 <= part <= n_parts
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--part {cli.part}: expected I/N with 1 <= I <= N, e.g. 1/2") from None
+    for key in ("jobs", "epochs", "finetune_epochs", "train_subset"):
+        if getattr(cli, key) is not None and getattr(cli, key) < (1 if key in ("jobs", "epochs") else 0):
+            raise SystemExit(f"--{key.replace('_', '-')} {getattr(cli, key)}: expected a positive number")
+    overridden = ("seeds", "epochs", "finetune_epochs", "train_subset", "jobs")
+    cli.overrides = [f"{k} {getattr(cli, k)}" for k in overridden if getattr(cli, k) is not None]
+    cli.overrides += [f"{k} {getattr(cli, k)}" for k in ("methods", "baselines") if getattr(cli, k) != ap.get_default(k)]
+    cli.overrides += [f"data {' '.join(specs)}"] if specs != cfg["data"] else []
+    cfg.update({k: getattr(cli, k) for k in overridden if getattr(cli, k) is not None})
+    cli.jobs = cfg["jobs"]
+    cli.runs = cli.runs or os.path.join("runs", f"{'ablation' if cli.ablate else 'reproduce'}-{cli.preset}")
+    os.makedirs(os.path.join(cli.out, "runs"), exist_ok=True)
     t0 = time.time()
-    records, datasets = [], []
-    order = [m for m in ("random", "supervised") if m in a.baselines] + a.methods + \
-        [m for m in ("imagenet",) if m in a.baselines]  # ImageNet last: it may fail offline
-    for data in a.data + a.folders:
-        # a subset only where the split is larger (BreastMNIST has 546 train images: it is used whole)
-        n_train = len(common.load_dataset(data, p["size"], a.data_dir or None, 0)["train"][1])
-        p["subset"] = p["train_subset"] if 0 < p["train_subset"] < n_train else 0
-        p["n_train"] = n_train
-        datasets.append(data_name(data))
-        for seed in p["seeds"]:
-            for model in order:
-                rec = run_one(model, data, seed, p, a)
-                records.append(rec)
-                common.write_json(os.path.join(a.out, "runs", f"{a.preset}-{model}-{rec['data']}-s{seed}.json"), rec)
-    path = write_table(records, datasets, p, a, time.time() - t0)
-    figures(records, datasets, a.out)
-    failed = [r for r in records if r["status"] != "ok"]
-    print(f"wrote {path} and figures in {a.out}/ ({(time.time() - t0) / 60:.1f} min; {len(failed)} failed run(s))")
+
+    # every model x dataset x seed of the study, each with its dataset's settings, in a fixed order
+    todo, datasets = [], []
+    order = [m for m in ("random", "supervised") if m in cli.baselines] + cli.methods + \
+        [m for m in ("imagenet",) if m in cli.baselines]  # ImageNet last: it may fail offline
+    for spec in specs[:1] if cli.ablate else specs:
+        data, size = parse_spec(spec, cfg["size"])
+        n_train = len(common.load_dataset(data, size, cli.data_dir or None, 0)["train"][1])
+        run_cfg = {**cfg, "epochs": setting(cfg, "epochs", spec), "batch_size": setting(cfg, "batch_size", spec),
+                   "n_train": n_train,  # a subset only where the split is larger (BreastMNIST's 546 are used whole)
+                   "subset": cfg["train_subset"] if 0 < cfg["train_subset"] < n_train else 0}
+        datasets.append(data_name(data, size))
+        if cli.ablate:  # one SimCLR run per variant, each in its own runs folder
+            todo += [("simclr", data, size, s, {**run_cfg, "extra": flags},
+                      argparse.Namespace(**{**vars(cli), "runs": os.path.join(cli.runs, f"v{i}")}))
+                     for i, flags in enumerate(ABLATION.values()) for s in cfg["seeds"][:1]]
+        else:
+            todo += [(m, data, size, s, run_cfg, cli) for s in cfg["seeds"] for m in order]
+    mine = set(range(part - 1, len(todo), n_parts))  # interleaved shares: each part gets every dataset and model
+
+    def go(i):
+        rec = run_one(*todo[i], run_it=i in mine)
+        if rec["status"] != "pending" and not cli.ablate:
+            common.write_json(os.path.join(cli.out, "runs", f"{cli.preset}-{rec['model']}-{rec['data']}-"
+                                                            f"s{rec['seed']}.json"), rec)
+        return rec
+    with concurrent.futures.ThreadPoolExecutor(cli.jobs) as pool:  # threads only wait on their subprocess
+        records = list(pool.map(go, range(len(todo))))
+    if cli.ablate:
+        path = write_ablation(records, list(ABLATION), cli)
+    else:
+        path = write_table(records, datasets, cfg, cli, time.time() - t0)
+        figures(records, datasets, cli.out)
+    failed = [r for r in records if r["status"] == "failed"]
+    print(f"wrote {path} ({(time.time() - t0) / 60:.1f} min; {len(failed)} failed run(s))")
     return 1 if any(r["model"] != "imagenet" for r in failed) else 0
 
 

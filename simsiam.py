@@ -33,18 +33,21 @@ class Args:
     arch: str = "resnet18"  # resnet18 or resnet50 (the paper's)
     epochs: int = 100  # passes over the training split
     batch_size: int = 256  # images per step (each gives two views)
-    lr: float = 0.05  # SGD learning rate for a batch of 256, scaled linearly with the batch size
-    weight_decay: float = 5e-4  # L2 on all weights
-    warmup_epochs: int = 1  # linear LR warmup before the cosine decay
+    lr: float = 0.5  # SGD learning rate for a batch of 256, scaled linearly (solo-learn's CIFAR recipe)
+    weight_decay: float = 1e-5  # L2 on all weights
+    warmup_epochs: int = 10  # linear LR warmup before the cosine decay
     seed: int = 0  # seeds the model init, the batch order and every augmentation parameter
     train_subset: int = 0  # use a random N-image subset of the train split (0 = all)
     eval_every: int = 5  # epochs between kNN scores on the val split
     finetune_epochs: int = 0  # at the end, also fine-tune end to end for N epochs (0: skip)
+    min_scale: float = 0.0  # smallest random crop, as a fraction of the image area (0: by --size, common.AUGMENT)
+    jitter: float = -1.0  # colour-jitter strength s: brightness, contrast, saturation s, hue s/4 (-1: by --size)
+    blur: int = -1  # Gaussian blur with the method's probabilities: 1 on, 0 off (-1: by --size)
     out: str = ""  # run folder; default runs/<method>-<data>-<size>-s<seed>
     resume: bool = False  # continue from <out>/checkpoint.pt
     # SimSiam
-    proj_dim: int = 512  # projector hidden and output width (paper: 2048 for ResNet-50; 512 = ResNet-18's width)
-    pred_hidden: int = 128  # predictor bottleneck width, proj_dim / 4 as in the paper
+    proj_dim: int = 2048  # projector hidden and output width (the paper's)
+    pred_hidden: int = 512  # predictor bottleneck width, proj_dim / 4 as in the paper
     fix_pred_lr: bool = True  # keep the predictor's LR constant instead of decaying it (the paper's choice)
 
 
@@ -101,6 +104,7 @@ def main(args):
     B = min(args.batch_size, N)
     steps = N // B  # drop the ragged last batch: BN and the loss want full batches
     view_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 views feed bf16 autocast
+    aug = common.augmentation(args.size, VIEWS, args.min_scale, args.jitter, args.blur)  # crop, jitter, blur
 
     backbone, dim = common.make_backbone(args.arch, C, args.size)
     projector = Projector(dim, args.proj_dim)
@@ -137,7 +141,7 @@ def main(args):
         for step in range(steps):
             t0 = time.perf_counter()
             idx = perm[step * B:(step + 1) * B]
-            params = common.sample_params(len(idx), H, W, C, gen, views=VIEWS).to(device, non_blocking=True)
+            params = common.sample_params(len(idx), H, W, C, gen, **aug).to(device, non_blocking=True)
             x1, x2 = common.augment(images[idx], params, args.size, mean, std, dtype=view_dtype)  # (B, C, S, S) each
             x = torch.cat([x1, x2])  # both views through the backbone in one call: (2B, C, S, S)
             if device.type == "cuda":
@@ -170,7 +174,7 @@ def main(args):
             bar.update()
 
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            knn = evaluate.knn_eval(backbone, ds, mean, std, "val")
+            knn = evaluate.knn_eval(backbone, ds, mean, std)
             common.log_jsonl(log_path, {"epoch": epoch, "val/knn_acc": knn["acc"], "val/knn_auc": knn["auc"]})
             bar.write(f"epoch {epoch + 1}: val kNN acc {knn['acc']:.4f} auc {knn['auc']:.4f}")
         common.save_checkpoint(ckpt_path, {

@@ -2,6 +2,7 @@
 conv1 against torchvision on an RGB copy, the supervised baseline, and reproduce.py end to end on tiny data."""
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -124,7 +125,7 @@ def test_mean_std_and_curves(tmp_path):
     assert c == {"epoch": [1, 2], "loss": [3.0, 1.0], "knn_epoch": [1], "knn_auc": [0.7]}
 
 
-def test_reproduce_end_to_end_skips_done_runs(tmp_path):
+def test_reproduce_in_two_parts_then_skips_done_runs(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     np.savez(data / "pneumoniamnist.npz", **make_arrays(n=(40, 16, 32), seed=5))
@@ -133,18 +134,52 @@ def test_reproduce_end_to_end_skips_done_runs(tmp_path):
            "--weights", str(tmp_path / "no-weights.pth"), "--runs", str(tmp_path / "runs"), "--out",
            str(tmp_path / "results")]
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]  # only ImageNet failed: tolerated, reported
     out = tmp_path / "results"
+    # the runs in order are random, simclr, imagenet: part 1/2 takes the 1st and 3rd, part 2/2 the 2nd
+    r = subprocess.run(cmd + ["--part", "1/2"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]  # only ImageNet failed: tolerated, reported
     table = (out / "RESULTS.md").read_text()
-    assert "| linear 100% | random init |" in table and "| fine-tune | SimCLR |" in table
-    assert "Not run: imagenet-pneumonia-s0" in table and "no-weights.pth" in table
+    assert "| linear 100% | random init |" in table and "| SimCLR |" not in table
+    assert "Not yet run (another --part): simclr-pneumonia-28-s0." in table
+    assert "Not run: imagenet-pneumonia-28-s0" in table and "no-weights.pth" in table
+    r = subprocess.run(cmd + ["--part", "2/2"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[skip] random-pneumonia-28-s0" in r.stdout and "[run ] simclr-pneumonia-28-s0" in r.stdout
+    table = (out / "RESULTS.md").read_text()
+    assert "| fine-tune | SimCLR |" in table and "Not yet run" not in table
+    knn = next(line for line in table.splitlines() if line.startswith("| kNN | SimCLR |"))
+    assert re.search(r"\| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \|", knn) and "k = " in knn  # one seed: CI, chosen k
+    assert re.search(r"^\| SimCLR \| [+-]\d\.\d{3} \(1 seed\) \|", table, re.M)  # the paired difference
     for png in ("curves.png", "label_efficiency.png", "embedding.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rec = json.loads((out / "runs" / "cpu-simclr-pneumonia-s0.json").read_text())
-    assert rec["status"] == "ok" and rec["curves"]["epoch"] == [1] and "finetune" in rec["results"]
+    rec = json.loads((out / "runs" / "cpu-simclr-pneumonia-28-s0.json").read_text())
+    assert rec["status"] == "ok" and rec["curves"]["epoch"] == [1] and rec["results"]["finetune"]["epochs"] == 1
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert r.returncode == 0 and "[skip] simclr-pneumonia-s0" in r.stdout and "[skip] random-pneumonia-s0" in r.stdout
+    assert r.returncode == 0 and "[skip] simclr-pneumonia-28-s0" in r.stdout and "[skip] random-pneumonia-28-s0" in r.stdout
+    bad = subprocess.run(cmd + ["--part", "3/2"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert bad.returncode != 0 and "--part 3/2: expected I/N" in bad.stderr
+
+
+def test_table_cells_paired_differences_and_specs(tmp_path):
+    assert reproduce.auc_cell([{"auc": 0.9123, "auc_ci95": [0.88, 0.94]}]) == "0.912 [0.880, 0.940]"
+    assert reproduce.auc_cell([{"auc": 0.9}, {"auc": 0.92}]) == f"0.910 ± {statistics.stdev([0.9, 0.92]):.3f}"
+    rec = lambda m, s, auc: {"model": m, "data": "d", "seed": s, "results": {"linear": {"auc": auc}}}
+    ok = [rec("random", 0, 0.80), rec("random", 1, 0.90), rec("random", 2, 0.85),
+          rec("simclr", 0, 0.85), rec("simclr", 1, 0.93)]  # seed 2 of SimCLR missing: pairs only on seeds 0, 1
+    diffs = [0.05, 0.03]
+    assert reproduce.paired_delta(ok, "d", "simclr", "linear") == \
+        f"+{statistics.mean(diffs):.3f} ± {statistics.stdev(diffs):.3f} (2 seeds)"
+    assert reproduce.paired_delta(ok[:1] + ok[3:4], "d", "simclr", "linear") == "+0.050 (1 seed)"
+    assert reproduce.paired_delta(ok, "d", "byol", "linear") == "–"
+    assert reproduce.parse_spec("breast@64", 28) == ("breast", 64)
+    assert reproduce.parse_spec("pneumonia", 28) == ("pneumonia", 28)
+    (tmp_path / "site@2").mkdir()
+    assert reproduce.parse_spec(str(tmp_path / "site@2"), 28) == (str(tmp_path / "site@2"), 28)  # a folder
+    with pytest.raises(SystemExit, match="NAME@SIZE"):
+        reproduce.parse_spec("breast@big", 28)
+    gpu = reproduce.PRESETS["gpu"]
+    assert reproduce.setting(gpu, "epochs", "breast@64") == gpu["epochs"]["breast@64"]
+    assert reproduce.setting(gpu, "epochs", "pneumonia") >= 200 and reproduce.setting(gpu, "seeds", "x") == [0, 1, 2]
 
 
 def test_training_with_labels_stops_on_a_non_finite_loss(tmp_path):
@@ -153,4 +188,18 @@ def test_training_with_labels_stops_on_a_non_finite_loss(tmp_path):
     mean, std = common.channel_stats(ds["train"][0])
     net, _ = common.make_backbone("resnet18", 1, 28)
     with pytest.raises(FloatingPointError, match="cross-entropy loss is (nan|inf).*lower learning rate"):
-        evaluate.finetune(net, ds, mean, std, epochs=3, lr=1e30, backbone_lr_scale=1.0, batch_size=16)
+        evaluate.finetune(net, torch.nn.Linear(512, 2), ds, mean, std, epochs=3, lr=1e30, backbone_lr_scale=1.0,
+                          batch_size=16)
+
+
+def test_ablation_table_reports_val_scores_and_the_best_variant(tmp_path):
+    import argparse
+    names = list(reproduce.ABLATION)[:3]
+    rec = lambda knn, lin: {"status": "ok", "wall_s": 90, "results": {"knn": {"val_auc": knn}, "linear": {"val_auc": lin}}}
+    records = [rec(0.91, 0.97), rec(0.93, 0.96), {"status": "failed"}]
+    cli = argparse.Namespace(preset="cpu", argv=["--ablate"], out=str(tmp_path))
+    text = open(reproduce.write_ablation(records, names, cli)).read()
+    assert f"| {names[0]} | `{' '.join(reproduce.ABLATION[names[0]])}` | 0.910 | 0.970 | 1.5 min |" in text
+    assert f"| {names[2]} |" in text and "| – | – | failed |" in text
+    assert f"Best val kNN AUC: {names[1]}; best val linear AUC: {names[0]}." in text
+    assert "test" not in text.replace("the test split is never looked at", "")  # val only

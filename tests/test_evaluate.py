@@ -85,11 +85,13 @@ def test_linear_probe_separates_separable_data_and_not_noise():
     w = torch.randn(16, generator=g)
     xs = [make(n) for n in (300, 100, 200)]
     ys = [(x @ w > 0).long() for x in xs]
-    probs, wd = evaluate.linear_probe(xs[0], ys[0], xs[1], ys[1], xs[2], 2)
+    probs, info, head = evaluate.linear_probe(xs[0], ys[0], xs[1], ys[1], xs[2], 2)
     m = evaluate.metrics(ys[2], probs)
-    assert m["acc"] > 0.95 and m["auc"] > 0.99
+    assert m["acc"] > 0.95 and m["auc"] > 0.99 and info["val_auc"] > 0.99
+    # the returned head works on raw features: the standardization is folded into it
+    assert torch.allclose(head(xs[2]).softmax(1), probs, atol=1e-5)
     noise = [torch.randint(0, 2, (len(x),), generator=g) for x in xs]
-    probs, _ = evaluate.linear_probe(xs[0], noise[0], xs[1], noise[1], xs[2], 2)
+    probs, _, _ = evaluate.linear_probe(xs[0], noise[0], xs[1], noise[1], xs[2], 2)
     assert abs(evaluate.metrics(noise[2], probs)["auc"] - 0.5) < 0.15
 
 
@@ -134,8 +136,75 @@ def test_finetune_learns_a_visible_class_and_leaves_the_backbone_alone(tmp_path)
     ds = common.load_dataset("pneumonia", 28, str(tmp_path))
     mean, std = common.channel_stats(ds["train"][0])
     torch.manual_seed(0)
-    net, _ = common.make_backbone("resnet18", 1, 28)
+    net, dim = common.make_backbone("resnet18", 1, 28)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    m = evaluate.finetune(net, ds, mean, std, epochs=3, lr=0.2, batch_size=32)
-    assert m["acc"] > 0.9 and m["auc"] > 0.95  # the classes differ in brightness: easy once trained
+    head = torch.nn.Linear(dim, 2)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)  # equal scores: val AUC 0.5 at epoch 0
+    m = evaluate.finetune(net, head, ds, mean, std, epochs=3, lr=0.2, batch_size=32)
+    assert m["auc"] > 0.95 and m["epoch"] >= 1  # the classes differ in brightness: easy once trained
+    assert m["epochs"] == 3 and m["val_auc"] > 0.95
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not head.weight.any()  # the caller's head is left alone too
+
+
+def test_lp_ft_starts_from_the_probe_and_reports_the_best_val_epoch(monkeypatch, tmp_path):
+    import numpy as np
+    from conftest import make_arrays
+    np.savez(tmp_path / "pneumoniamnist.npz", **make_arrays(n=(32, 16, 24), seed=6))
+    ds = common.load_dataset("pneumonia", 28, str(tmp_path))
+    mean, std = common.channel_stats(ds["train"][0])
+    torch.manual_seed(0)
+    net, _ = common.make_backbone("resnet18", 1, 28)
+    f = {s: evaluate.extract_features(net, ds[s][0], mean, std) for s in common.SPLITS}
+    probs, info, head = evaluate.linear_probe(f["train"], ds["train"][1], f["val"], ds["val"][1], f["test"], 2)
+    # with a zero LR nothing moves: every epoch ties with epoch 0, the probe itself, whose test metrics these are
+    m = evaluate.finetune(net, head, ds, mean, std, epochs=2, lr=0.0)
+    assert m["epoch"] == 0 and m["val_auc"] == pytest.approx(info["val_auc"], abs=1e-6)
+    assert m["auc"] == pytest.approx(evaluate.metrics(ds["test"][1], probs)["auc"], abs=1e-6)
+    # the selection: scripted val scores per epoch 0..4 -> the first epoch with the best val AUC, its test metrics
+    val_scores, epoch = [0.6, 0.9, 0.7, 0.9, 0.8], {"n": -1}
+    yv = ds["val"][1]
+
+    def scripted(net_, head_, ds_, mean_, std_, split):
+        if split == "val":
+            epoch["n"] += 1  # train_with_labels scores val once per epoch, 0..epochs
+        return torch.full((len(ds_[split][1]), 2), float(epoch["n"]))  # the test probs carry the epoch they came from
+    monkeypatch.setattr(evaluate, "head_probs", scripted)
+    monkeypatch.setattr(evaluate, "metrics", lambda y, p: {"auc": val_scores[epoch["n"]]} if y is yv
+                        else {"auc": 1.0, "mark": float(p[0, 0])})
+    monkeypatch.setattr(evaluate, "bootstrap_auc", lambda *a, **k: [0.0, 1.0])
+    m = evaluate.finetune(net, head, ds, mean, std, epochs=4, lr=0.0)
+    assert m["epoch"] == 1 and m["val_auc"] == 0.9 and m["mark"] == 1.0
+
+
+def test_knn_k_is_chosen_on_val_and_never_a_majority_vote_when_neighbours_disagree():
+    # 2-D features: a big class 0 everywhere and a tight small class 1; the 200-NN vote is always class 0
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(300, 2, generator=g) * 3
+    small = torch.tensor([4.0, 4.0]) + 0.05 * torch.randn(30, 2, generator=g)
+    tr, ytr = torch.cat([big, small]), torch.tensor([0] * 300 + [1] * 30)
+    val = torch.cat([torch.randn(60, 2, generator=g) * 3, torch.tensor([4.0, 4.0]) + 0.05 * torch.randn(20, 2, generator=g)])
+    yval = torch.tensor([0] * 60 + [1] * 20)
+    k, m = evaluate.knn_select(tr, ytr, val, yval, 2)
+    # brute force over the candidate ks with the same criterion: (balanced acc, AUC, -k)
+    scores = {kk: evaluate.metrics(yval, evaluate.knn_predict(tr, ytr, val, 2, k=kk)) for kk in evaluate.KS}
+    assert k == max(scores, key=lambda kk: (scores[kk]["balanced_acc"], scores[kk]["auc"], -kk))
+    assert scores[200]["balanced_acc"] < m["balanced_acc"] and k < 200
+    assert evaluate.knn_predict(tr, ytr, val, 2, k=k).argmax(1).bool().any()  # not all majority
+    k_few, _ = evaluate.knn_select(tr[:4], ytr[:4], val, yval, 2)  # fewer train points than the smallest k
+    assert k_few == 4
+
+
+def test_bootstrap_interval_matches_the_hanley_mcneil_standard_error():
+    g = torch.Generator().manual_seed(0)
+    n = 600
+    y = (torch.rand(n, generator=g) < 0.4).long()
+    score = y.float() + 1.2 * torch.randn(n, generator=g)  # AUC about 0.72
+    auc = evaluate.binary_auc(y, score)
+    lo, hi = evaluate.bootstrap_auc(y, torch.stack([-score, score], 1).softmax(1), n=1000, seed=0)
+    # Hanley & McNeil (1982): SE^2 = (A(1-A) + (n1-1)(Q1-A^2) + (n0-1)(Q2-A^2)) / (n1 n0), Q1 = A/(2-A), Q2 = 2A^2/(1+A)
+    n1, n0 = int(y.sum()), int((1 - y).sum())
+    q1, q2 = auc / (2 - auc), 2 * auc ** 2 / (1 + auc)
+    se = math.sqrt((auc * (1 - auc) + (n1 - 1) * (q1 - auc ** 2) + (n0 - 1) * (q2 - auc ** 2)) / (n1 * n0))
+    assert lo < auc < hi
+    assert (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.2)

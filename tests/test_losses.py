@@ -137,3 +137,110 @@ def test_barlow_loss_is_zero_for_identity_cross_correlation():
     h = torch.tensor([[1., 1, 1], [-1, 1, -1], [1, -1, -1], [-1, -1, 1]])
     assert barlow.loss_fn(h, h, 5e-3).item() == pytest.approx(0, abs=1e-4)
     assert barlow.loss_fn(h, -h, 5e-3).item() == pytest.approx(3 * 4, rel=1e-3)  # c = -I: each (1 - (-1))^2
+
+
+# ---------------------------------------------------------------------------------------------- DCL / DCLW
+import dclw  # noqa: E402
+import vicreg  # noqa: E402
+
+
+def naive_dcl(z1, z2, t, sigma=None):
+    """The DCL(W) paper's formula, one anchor at a time: anchors are every view of every image."""
+    views = [z1.double(), z2.double()]
+    B = len(z1)
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))
+    total = 0.0
+    for v in range(2):
+        a, b = views[v], views[1 - v]
+        pos = [cos(a[i], b[i]) for i in range(B)]
+        for i in range(B):
+            w = 1.0
+            if sigma is not None:  # 2 - exp(s_ii'/sigma) / mean_j exp(s_jj'/sigma), within the anchor's view
+                w = 2 - math.exp(pos[i] / sigma) / (sum(math.exp(p / sigma) for p in pos) / B)
+            # negatives: every other image, in both views; never i itself, never its positive
+            neg = [cos(a[i], a[k]) for k in range(B) if k != i] + [cos(a[i], b[k]) for k in range(B) if k != i]
+            total += -w * pos[i] / t + math.log(sum(math.exp(s / t) for s in neg))
+    return total / (2 * B)
+
+
+@pytest.mark.parametrize("B,d,t,sigma", [(4, 8, 0.5, None), (7, 3, 0.1, 0.5), (16, 32, 0.2, 0.5)])
+def test_dcl_and_dclw_match_naive_loops(B, d, t, sigma):
+    g = torch.Generator().manual_seed(B)
+    z1, z2 = torch.randn(B, d, generator=g), torch.randn(B, d, generator=g)
+    assert dclw.loss_fn(z1, z2, t, sigma).item() == pytest.approx(naive_dcl(z1, z2, t, sigma), rel=1e-5)
+
+
+def test_dcl_denominator_excludes_the_positive():
+    # B = 2 with orthogonal images: DCL's denominator holds only the other image's two views, so moving the
+    # positive changes -s_ii'/t alone; NT-Xent's would change too (it includes exp(s_ii'/t)).
+    e = torch.eye(4)
+    z1 = torch.stack([e[0], e[1]])
+    for c in (0.0, 0.5, 1.0):  # cos(z1_i, z2_i) = c, and z2_i stays orthogonal to the other image
+        z2 = torch.stack([c * e[0] + math.sqrt(1 - c * c) * e[2], c * e[1] + math.sqrt(1 - c * c) * e[3]])
+        t = 0.5
+        # by hand: negatives of anchor 0 are z1_1 (cos 0) and z2_1 (cos 0): log(2 e^0) = log 2
+        assert dclw.loss_fn(z1, z2, t).item() == pytest.approx(-c / t + math.log(2), abs=1e-6)
+    assert simclr.loss_fn(z1, z2, 0.5).item() == pytest.approx(-1 / 0.5 + math.log(math.exp(1 / 0.5) + 2), abs=1e-6)
+
+
+def test_dclw_weights_average_to_one_and_favour_hard_positives():
+    g = torch.Generator().manual_seed(1)
+    z1 = torch.randn(8, 4, generator=g)
+    z2 = z1 + torch.linspace(0, 2, 8)[:, None] * torch.randn(8, 4, generator=g)  # later pairs agree less
+    pos = torch.nn.functional.cosine_similarity(z1, z2)
+    w = 2 - 8 * torch.softmax(pos / 0.5, 0)  # the paper's weight, as the loss computes it
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-6)
+    assert w[pos.argmin()] > w[pos.argmax()]
+    # with identical weights the loss is DCL's: sigma -> infinity makes every w_i = 1
+    assert dclw.loss_fn(z1, z2, 0.2, 1e9).item() == pytest.approx(dclw.loss_fn(z1, z2, 0.2).item(), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- VICReg
+def naive_vicreg(z1, z2, lam, mu, nu, gamma=1.0, eps=1e-4):
+    z1, z2 = z1.double().tolist(), z2.double().tolist()
+    B, D = len(z1), len(z1[0])
+    s = sum((z1[i][j] - z2[i][j]) ** 2 for i in range(B) for j in range(D)) / (B * D)
+
+    def v(z):
+        total = 0.0
+        for j in range(D):
+            m = sum(z[i][j] for i in range(B)) / B
+            var = sum((z[i][j] - m) ** 2 for i in range(B)) / (B - 1)
+            total += max(0.0, gamma - math.sqrt(var + eps))
+        return total / D
+
+    def c(z):
+        m = [sum(z[i][j] for i in range(B)) / B for j in range(D)]
+        total = 0.0
+        for j in range(D):
+            for k in range(D):
+                if j != k:
+                    cov = sum((z[i][j] - m[j]) * (z[i][k] - m[k]) for i in range(B)) / (B - 1)
+                    total += cov ** 2
+        return total / D
+    return lam * s + mu * (v(z1) + v(z2)) + nu * (c(z1) + c(z2))
+
+
+@pytest.mark.parametrize("B,D", [(5, 3), (16, 8)])
+def test_vicreg_loss_matches_naive_loops(B, D):
+    g = torch.Generator().manual_seed(D)
+    z1, z2 = 0.7 * torch.randn(B, D, generator=g), 1.3 * torch.randn(B, D, generator=g)
+    assert vicreg.loss_fn(z1, z2, 25, 25, 1).item() == pytest.approx(naive_vicreg(z1, z2, 25, 25, 1), rel=1e-5)
+
+
+def test_vicreg_variance_term_is_zero_exactly_when_every_std_reaches_gamma():
+    # mu = 1, lambda = nu = 0 isolates the variance term; columns with std exactly known
+    base = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]])  # each column: mean 0, var 4/3
+    std = math.sqrt(4 / 3 + 1e-4)
+    v = lambda z: vicreg.loss_fn(z, z, 0.0, 1.0, 0.0).item() / 2
+    assert v(base / std) == pytest.approx(0.0, abs=1e-6)  # std exactly 1 = gamma: no penalty
+    assert v(2 * base) == 0.0  # std > gamma
+    half = base.clone()
+    half[:, 1] *= 0.5 / std  # second column's std about 0.5: only it pays, (gamma - its std) / D
+    var = 4 / 3 * (0.5 / std) ** 2
+    assert v(half) == pytest.approx((1 - math.sqrt(var + 1e-4)) / 2, abs=1e-6)
+    assert v(torch.zeros(4, 2)) == pytest.approx(1 - math.sqrt(1e-4), abs=1e-6)  # collapse: the full penalty
+    # covariance: uncorrelated columns give 0, identical columns give 2 cov^2 / D
+    assert vicreg.loss_fn(base, base, 0.0, 0.0, 1.0).item() == pytest.approx(0.0, abs=1e-7)
+    same = base[:, :1].repeat(1, 2)
+    assert vicreg.loss_fn(same, same, 0.0, 0.0, 1.0).item() == pytest.approx(2 * (2 * (4 / 3) ** 2 / 2), abs=1e-5)

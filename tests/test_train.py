@@ -14,7 +14,8 @@ from conftest import ROOT, make_arrays
 
 TINY = ["--data", "pneumonia", "--batch-size", "16", "--epochs", "2", "--eval-every", "1"]
 SMALL_HEADS = {"simclr.py": ["--proj-hidden", "64"], "byol.py": ["--proj-hidden", "64", "--proj-dim", "32"],
-               "simsiam.py": ["--proj-dim", "64", "--pred-hidden", "16"], "barlow.py": ["--proj-dim", "64"]}
+               "simsiam.py": ["--proj-dim", "64", "--pred-hidden", "16"], "barlow.py": ["--proj-dim", "64"],
+               "dclw.py": ["--proj-hidden", "64"], "vicreg.py": ["--proj-dim", "64"]}
 METHODS = list(SMALL_HEADS)
 
 
@@ -57,7 +58,7 @@ def test_two_epochs_write_checkpoint_metrics_results(script, tiny_dir, tmp_path)
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("script", ["simclr.py", "byol.py"])  # BYOL: the target network must come back too
+@pytest.mark.parametrize("script", ["simclr.py", "byol.py", "dclw.py", "vicreg.py"])  # BYOL: its target too
 def test_kill_and_resume_matches_uninterrupted(script, tiny_dir, tmp_path):
     extra = ["--epochs", "3"]
     full = tmp_path / "full"

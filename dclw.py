@@ -1,0 +1,195 @@
+"""DCLW: "Decoupled Contrastive Learning", Yeh, Hong, Hsu, Liu, Chen, LeCun, ECCV 2022, arXiv 2110.06848.
+
+Loss (DCL): NT-Xent with the positive pair taken out of the denominator, so the positive no longer damps its own
+gradient (the "negative-positive coupling" that makes SimCLR need big batches):
+    l_i = -w_i s_ii' / t + log sum_{k != i, k != i'} exp(s_ik / t)
+with s = cosine similarity of the projections z. DCLW (the default, as the seed paper used) weights the positive
+term with a negative von Mises-Fisher weight, w_i = 2 - exp(s_ii' / sigma) / mean_j exp(s_jj' / sigma): pairs that
+already agree count less, hard positives more; DCL is w_i = 1 (--weighting none).
+
+Run:
+    python dclw.py --data pneumonia                   # PneumoniaMNIST 28 px, ResNet-18
+    python dclw.py --data breast --size 64 --epochs 50
+    python dclw.py --data ../shared/data/chest_xray_224 --size 64 --arch resnet50
+Writes checkpoint.pt, metrics.jsonl and results.json to runs/dclw-<data>-<size>-s<seed>/ (see --out).
+"""
+import dataclasses
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import evaluate
+
+
+# ------------------------------------------------------------------------------------------------ 1. arguments
+@dataclasses.dataclass
+class Args:
+    # common to every method
+    data: str = "pneumonia"  # MedMNIST flag (pneumonia, breast, or e.g. dermamnist) or a folder in the paper's layout
+    size: int = 28  # image side in pixels: picks the MedMNIST file (28, 64, 128, 224) or resizes a folder
+    data_dir: str = ""  # where npz files live / are downloaded / are cached; default $MEDSSL_DATA_DIR or ./data
+    arch: str = "resnet18"  # resnet18 or resnet50 (the paper's)
+    epochs: int = 100  # passes over the training split
+    batch_size: int = 256  # images per step (each gives two views)
+    lr: float = 0.4  # LARS learning rate for a batch of 256, scaled linearly (SimCLR's recipe, whose loss DCL edits)
+    weight_decay: float = 1e-5  # L2 on weight matrices (LARS leaves biases and norm layers alone)
+    warmup_epochs: int = 10  # linear LR warmup before the cosine decay
+    seed: int = 0  # seeds the model init, the batch order and every augmentation parameter
+    train_subset: int = 0  # use a random N-image subset of the train split (0 = all)
+    eval_every: int = 5  # epochs between kNN scores on the val split
+    finetune_epochs: int = 0  # at the end, also fine-tune end to end for N epochs (0: skip)
+    min_scale: float = 0.0  # smallest random crop, as a fraction of the image area (0: by --size, common.AUGMENT)
+    jitter: float = -1.0  # colour-jitter strength s: brightness, contrast, saturation s, hue s/4 (-1: by --size)
+    blur: int = -1  # Gaussian blur with the method's probabilities: 1 on, 0 off (-1: by --size)
+    out: str = ""  # run folder; default runs/<method>-<data>-<size>-s<seed>
+    resume: bool = False  # continue from <out>/checkpoint.pt
+    # DCLW
+    temperature: float = 0.1  # t (the paper's; DCL is less sensitive to it than NT-Xent)
+    weighting: str = "vmf"  # positive weight w_i: vmf (DCLW, the default) or none (DCL)
+    sigma: float = 0.5  # sigma of the von Mises-Fisher weight (the paper's)
+    proj_hidden: int = 2048  # projector hidden width
+    proj_dim: int = 256  # projector output width (paper: 128)
+
+
+METHOD = "dclw"
+VIEWS = (common.ViewProbs(jitter=0.8, gray=0.2, blur=0.5, solarize=0.0),) * 2  # SimCLR's views, as the paper
+
+
+# ------------------------------------------------------------------------------------------------ 2. method
+class Projector(nn.Module):
+    """g(h): Linear-BN-ReLU-Linear, the non-linear head whose output z the loss sees (h is kept for evaluation)."""
+
+    def __init__(self, dim, hidden, out):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, out))
+
+    def forward(self, h):
+        return self.net(h)
+
+
+def loss_fn(z1, z2, temperature, sigma=None):
+    """DCL, or DCLW when sigma is given. z1, z2: (B, d) projections of the two views of the same B images.
+    Averaged over all 2B anchors (each view's images as anchors in turn)."""
+    B = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)  # (2B, d) on the unit sphere, so z @ z.T is cosine similarity
+    s = z @ z.T  # (2B, 2B) cosine similarities
+    pair = torch.cat([torch.arange(B, 2 * B), torch.arange(0, B)]).to(z.device)  # view i pairs with i +- B
+    s_pos = s[torch.arange(2 * B, device=z.device), pair]  # (2B,) s_ii'
+    w = 1.0
+    if sigma is not None:  # vMF weight, per view: 2 - B softmax_i(s_ii' / sigma) = 2 - exp(s_ii'/sigma) / mean_j
+        w = 2 - B * torch.cat([F.softmax(s_pos[:B] / sigma, 0), F.softmax(s_pos[B:] / sigma, 0)])
+    # the denominator: every other view but the positive (and i itself); decoupling = dropping the positive here
+    drop = torch.eye(2 * B, dtype=torch.bool, device=z.device)
+    drop[torch.arange(2 * B, device=z.device), pair] = True
+    negatives = torch.logsumexp((s / temperature).masked_fill(drop, float("-inf")), dim=1)  # (2B,)
+    return (-w * s_pos / temperature + negatives).mean()
+
+
+# ------------------------------------------------------------------------------------------------ 3. setup
+def main(args):
+    device = common.get_device()
+    out = common.run_dir(args, METHOD)
+    os.makedirs(out, exist_ok=True)
+    ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # CPU stream for batch order and augmentation params
+
+    ds = common.load_dataset(args.data, args.size, args.data_dir or None, args.seed, device)
+    if args.train_subset:
+        common.take_subset(ds, args.train_subset, args.seed)
+    images = ds["train"][0]  # uint8 (N, C, H, W), all of it on the device: batches are index slices
+    N, C, H, W = images.shape
+    mean, std = common.channel_stats(images)
+    B = min(args.batch_size, N)
+    steps = N // B  # drop the ragged last batch: BN and the loss want full batches
+    view_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 views feed bf16 autocast
+    aug = common.augmentation(args.size, VIEWS, args.min_scale, args.jitter, args.blur)  # crop, jitter, blur
+
+    backbone, dim = common.make_backbone(args.arch, C, args.size)
+    projector = Projector(dim, args.proj_hidden, args.proj_dim)
+    model = nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = common.LARS(model.parameters(), lr=args.lr * B / 256, weight_decay=args.weight_decay)
+    scheduler = common.warmup_cosine(optimizer, args.warmup_epochs * steps, args.epochs * steps)
+
+    start = 0
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = common.load_checkpoint(ckpt_path, device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        gen.set_state(ckpt["gen"].cpu())  # RNG states are CPU tensors even when the model is on a GPU
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+        start = ckpt["epoch"]
+        print(f"resumed from {ckpt_path} at epoch {start}")
+    if args.resume:
+        common.trim_log(log_path, start)  # drop rows of the epoch that was cut short: it will be re-run
+    else:
+        open(log_path, "w").close()  # a fresh run starts a fresh log
+
+    # -------------------------------------------------------------------------------------------- 4. training loop
+    bar = tqdm(total=args.epochs * steps, initial=start * steps, desc=METHOD, unit="step")
+    for epoch in range(start, args.epochs):
+        model.train()
+        perm = torch.randperm(N, generator=gen).to(device)
+        for step in range(steps):
+            t0 = time.perf_counter()
+            idx = perm[step * B:(step + 1) * B]
+            params = common.sample_params(len(idx), H, W, C, gen, **aug).to(device, non_blocking=True)
+            x1, x2 = common.augment(images[idx], params, args.size, mean, std, dtype=view_dtype)  # (B, C, S, S) each
+            x = torch.cat([x1, x2])  # both views through the backbone in one call: (2B, C, S, S)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                h = backbone(x)  # (2B, dim) representation
+                z = projector(h)  # (2B, proj_dim) projection
+            z1, z2 = z.float().chunk(2)
+            loss = loss_fn(z1, z2, args.temperature, args.sigma if args.weighting == "vmf" else None)
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+
+            loss_value = loss.item()  # one host sync per step, for the log and the NaN guard
+            if not math.isfinite(loss_value):
+                kept = f"the last good checkpoint (epoch {epoch}) is {ckpt_path}" if epoch else "no checkpoint yet"
+                raise SystemExit(f"{METHOD}: loss is {loss_value} at epoch {epoch + 1} step {step + 1}; stopped, "
+                                 f"{kept}. Try a lower --lr or a higher --temperature.")
+            # collapse monitor: std over the batch of the unit-norm projection, ~1/sqrt(d) when healthy, 0 if collapsed
+            z_std = F.normalize(z.detach().float(), dim=1).std(0).mean().item()
+            img_per_s = len(idx) / (time.perf_counter() - t0)
+            common.log_jsonl(log_path, {"epoch": epoch, "step": epoch * steps + step, "train/loss": loss_value,
+                                        "train/lr": scheduler.get_last_lr()[0], "train/img_per_s": img_per_s,
+                                        "train/z_std": z_std})
+            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{img_per_s:.0f}", epoch=epoch + 1)
+            bar.update()
+
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            knn = evaluate.knn_eval(backbone, ds, mean, std)
+            common.log_jsonl(log_path, {"epoch": epoch, "val/knn_acc": knn["acc"], "val/knn_auc": knn["auc"]})
+            bar.write(f"epoch {epoch + 1}: val kNN acc {knn['acc']:.4f} auc {knn['auc']:.4f}")
+        common.save_checkpoint(ckpt_path, {
+            "method": METHOD, "args": dataclasses.asdict(args), "epoch": epoch + 1, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "gen": gen.get_state(), "torch_rng": torch.get_rng_state()})
+    bar.close()
+
+    # -------------------------------------------------------------------------------------------- 5. evaluation
+    results = {"method": METHOD, "data": args.data, "size": args.size, "epochs": args.epochs,
+               **evaluate.evaluate(backbone, ds, mean, std, seed=args.seed, finetune_epochs=args.finetune_epochs)}
+    evaluate.print_table({f"{METHOD} ({ds['name']}, {args.size}px)": results})
+    common.write_json(os.path.join(out, "results.json"), results)
+    return results
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args))

@@ -1,0 +1,193 @@
+"""VICReg: "VICReg: Variance-Invariance-Covariance Regularization for Self-Supervised Learning",
+Bardes, Ponce, LeCun, ICLR 2022, arXiv 2105.04906.
+
+Loss: l(Z, Z') = lambda s(Z, Z') + mu [v(Z) + v(Z')] + nu [c(Z) + c(Z')] on the (B, D) expander outputs of the two
+views: invariance s = mean squared distance between the views; variance v = mean over dimensions of
+max(0, gamma - std), which keeps every dimension spread over the batch (no collapse); covariance c = sum of the
+squared off-diagonal covariances / D, which decorrelates dimensions. No negatives, no stop-gradient, no EMA.
+
+Run:
+    python vicreg.py --data pneumonia                 # PneumoniaMNIST 28 px, ResNet-18
+    python vicreg.py --data breast --size 64 --epochs 50
+    python vicreg.py --data ../shared/data/chest_xray_224 --size 64 --arch resnet50
+Writes checkpoint.pt, metrics.jsonl and results.json to runs/vicreg-<data>-<size>-s<seed>/ (see --out).
+"""
+import dataclasses
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import evaluate
+
+
+# ------------------------------------------------------------------------------------------------ 1. arguments
+@dataclasses.dataclass
+class Args:
+    # common to every method
+    data: str = "pneumonia"  # MedMNIST flag (pneumonia, breast, or e.g. dermamnist) or a folder in the paper's layout
+    size: int = 28  # image side in pixels: picks the MedMNIST file (28, 64, 128, 224) or resizes a folder
+    data_dir: str = ""  # where npz files live / are downloaded / are cached; default $MEDSSL_DATA_DIR or ./data
+    arch: str = "resnet18"  # resnet18 or resnet50 (the paper's)
+    epochs: int = 100  # passes over the training split
+    batch_size: int = 256  # images per step (each gives two views)
+    lr: float = 0.3  # LARS learning rate for a batch of 256, scaled linearly (solo-learn's CIFAR recipe)
+    weight_decay: float = 1e-4  # L2 on weight matrices (LARS leaves biases and norm layers alone)
+    warmup_epochs: int = 10  # linear LR warmup before the cosine decay
+    seed: int = 0  # seeds the model init, the batch order and every augmentation parameter
+    train_subset: int = 0  # use a random N-image subset of the train split (0 = all)
+    eval_every: int = 5  # epochs between kNN scores on the val split
+    finetune_epochs: int = 0  # at the end, also fine-tune end to end for N epochs (0: skip)
+    min_scale: float = 0.0  # smallest random crop, as a fraction of the image area (0: by --size, common.AUGMENT)
+    jitter: float = -1.0  # colour-jitter strength s: brightness, contrast, saturation s, hue s/4 (-1: by --size)
+    blur: int = -1  # Gaussian blur with the method's probabilities: 1 on, 0 off (-1: by --size)
+    out: str = ""  # run folder; default runs/<method>-<data>-<size>-s<seed>
+    resume: bool = False  # continue from <out>/checkpoint.pt
+    # VICReg
+    sim_coeff: float = 25.0  # lambda, weight of the invariance term (the paper's)
+    std_coeff: float = 25.0  # mu, weight of the variance term (the paper's)
+    cov_coeff: float = 1.0  # nu, weight of the covariance term (the paper's)
+    proj_dim: int = 2048  # D, width of all three expander layers (paper: 8192 for ResNet-50 on ImageNet)
+
+
+METHOD = "vicreg"
+VIEWS = (common.ViewProbs(jitter=0.8, gray=0.2, blur=1.0, solarize=0.0),  # BYOL's asymmetric views, as the paper
+         common.ViewProbs(jitter=0.8, gray=0.2, blur=0.1, solarize=0.2))
+
+
+# ------------------------------------------------------------------------------------------------ 2. method
+class Projector(nn.Module):
+    """The expander g(h): three Linear layers of width D, the first two followed by BN + ReLU (the paper's).
+    The paper's D = 8192 is 4x ResNet-50's 2048 features; D = 2048 is 4x ResNet-18's 512, the same ratio."""
+
+    def __init__(self, dim, out):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, out), nn.BatchNorm1d(out), nn.ReLU(inplace=True),
+                                 nn.Linear(out, out), nn.BatchNorm1d(out), nn.ReLU(inplace=True),
+                                 nn.Linear(out, out))
+
+    def forward(self, h):
+        return self.net(h)
+
+
+def loss_fn(z1, z2, lambd=25.0, mu=25.0, nu=1.0, gamma=1.0, eps=1e-4):
+    """z1, z2: (B, D) expander outputs of the two views -> lambda s + mu (v1 + v2) + nu (c1 + c2)."""
+    B, D = z1.shape
+    s = F.mse_loss(z1, z2)  # invariance: mean over B and D of (z - z')^2 (the paper's code; its text sums over D)
+
+    def v(z):  # variance: hinge on each dimension's std over the batch, sqrt(Var + eps) for a finite gradient at 0
+        return F.relu(gamma - torch.sqrt(z.var(0) + eps)).mean()
+
+    def c(z):  # covariance: (D, D) covariance matrix, its off-diagonal squared and summed, / D
+        z = z - z.mean(0)
+        cov = z.T @ z / (B - 1)
+        return (cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()) / D
+    return lambd * s + mu * (v(z1) + v(z2)) + nu * (c(z1) + c(z2))
+
+
+# ------------------------------------------------------------------------------------------------ 3. setup
+def main(args):
+    device = common.get_device()
+    out = common.run_dir(args, METHOD)
+    os.makedirs(out, exist_ok=True)
+    ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # CPU stream for batch order and augmentation params
+
+    ds = common.load_dataset(args.data, args.size, args.data_dir or None, args.seed, device)
+    if args.train_subset:
+        common.take_subset(ds, args.train_subset, args.seed)
+    images = ds["train"][0]  # uint8 (N, C, H, W), all of it on the device: batches are index slices
+    N, C, H, W = images.shape
+    mean, std = common.channel_stats(images)
+    B = min(args.batch_size, N)
+    steps = N // B  # drop the ragged last batch: BN and the loss want full batches
+    view_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 views feed bf16 autocast
+    aug = common.augmentation(args.size, VIEWS, args.min_scale, args.jitter, args.blur)  # crop, jitter, blur
+
+    backbone, dim = common.make_backbone(args.arch, C, args.size)
+    projector = Projector(dim, args.proj_dim)
+    model = nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = common.LARS(model.parameters(), lr=args.lr * B / 256, weight_decay=args.weight_decay)
+    scheduler = common.warmup_cosine(optimizer, args.warmup_epochs * steps, args.epochs * steps)
+
+    start = 0
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = common.load_checkpoint(ckpt_path, device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        gen.set_state(ckpt["gen"].cpu())  # RNG states are CPU tensors even when the model is on a GPU
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+        start = ckpt["epoch"]
+        print(f"resumed from {ckpt_path} at epoch {start}")
+    if args.resume:
+        common.trim_log(log_path, start)  # drop rows of the epoch that was cut short: it will be re-run
+    else:
+        open(log_path, "w").close()  # a fresh run starts a fresh log
+
+    # -------------------------------------------------------------------------------------------- 4. training loop
+    bar = tqdm(total=args.epochs * steps, initial=start * steps, desc=METHOD, unit="step")
+    for epoch in range(start, args.epochs):
+        model.train()
+        perm = torch.randperm(N, generator=gen).to(device)
+        for step in range(steps):
+            t0 = time.perf_counter()
+            idx = perm[step * B:(step + 1) * B]
+            params = common.sample_params(len(idx), H, W, C, gen, **aug).to(device, non_blocking=True)
+            x1, x2 = common.augment(images[idx], params, args.size, mean, std, dtype=view_dtype)  # (B, C, S, S) each
+            x = torch.cat([x1, x2])  # both views through the backbone in one call: (2B, C, S, S)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                h = backbone(x)  # (2B, dim) representation
+                z = projector(h)  # (2B, proj_dim) projection
+            z1, z2 = z.float().chunk(2)
+            loss = loss_fn(z1, z2, args.sim_coeff, args.std_coeff, args.cov_coeff)  # symmetric in the two views
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+
+            loss_value = loss.item()  # one host sync per step, for the log and the NaN guard
+            if not math.isfinite(loss_value):
+                kept = f"the last good checkpoint (epoch {epoch}) is {ckpt_path}" if epoch else "no checkpoint yet"
+                raise SystemExit(f"{METHOD}: loss is {loss_value} at epoch {epoch + 1} step {step + 1}; stopped, "
+                                 f"{kept}. Try a lower --lr.")
+            # collapse monitor: std over the batch of the unit-norm projection, ~1/sqrt(d) when healthy, 0 if collapsed
+            z_std = F.normalize(z.detach().float(), dim=1).std(0).mean().item()
+            img_per_s = len(idx) / (time.perf_counter() - t0)
+            common.log_jsonl(log_path, {"epoch": epoch, "step": epoch * steps + step, "train/loss": loss_value,
+                                        "train/lr": scheduler.get_last_lr()[0], "train/img_per_s": img_per_s,
+                                        "train/z_std": z_std})
+            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{img_per_s:.0f}", epoch=epoch + 1)
+            bar.update()
+
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            knn = evaluate.knn_eval(backbone, ds, mean, std)
+            common.log_jsonl(log_path, {"epoch": epoch, "val/knn_acc": knn["acc"], "val/knn_auc": knn["auc"]})
+            bar.write(f"epoch {epoch + 1}: val kNN acc {knn['acc']:.4f} auc {knn['auc']:.4f}")
+        common.save_checkpoint(ckpt_path, {
+            "method": METHOD, "args": dataclasses.asdict(args), "epoch": epoch + 1, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "gen": gen.get_state(), "torch_rng": torch.get_rng_state()})
+    bar.close()
+
+    # -------------------------------------------------------------------------------------------- 5. evaluation
+    results = {"method": METHOD, "data": args.data, "size": args.size, "epochs": args.epochs,
+               **evaluate.evaluate(backbone, ds, mean, std, seed=args.seed, finetune_epochs=args.finetune_epochs)}
+    evaluate.print_table({f"{METHOD} ({ds['name']}, {args.size}px)": results})
+    common.write_json(os.path.join(out, "results.json"), results)
+    return results
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args))
