@@ -300,7 +300,7 @@ class ViewProbs:
 # erases most of a 28 px image; the small-image values were chosen on the val split (results/ABLATION.md). On gray
 # images (X-rays, ultrasound) "colour" jitter is brightness and contrast only: saturation, hue and grayscale are
 # identities on one channel.
-AUGMENT = {"small": dict(min_scale=0.08, jitter=0.4, blur=0), "large": dict(min_scale=0.08, jitter=0.4, blur=1)}
+AUGMENT = {"small": dict(min_scale=0.2, jitter=0.8, blur=0), "large": dict(min_scale=0.08, jitter=0.4, blur=1)}
 
 
 def augmentation(size, views, min_scale=0.0, jitter=-1.0, blur=-1):

@@ -66,7 +66,8 @@ ABLATION = {"paper recipe (crop 0.08, jitter 0.4, blur)": ["--min-scale", "0.08"
             "no blur": ["--min-scale", "0.08", "--jitter", "0.4", "--blur", "0"],
             "no blur, crop >= 0.2": ["--min-scale", "0.2", "--jitter", "0.4", "--blur", "0"],
             "no blur, crop >= 0.2, jitter 0.8": ["--min-scale", "0.2", "--jitter", "0.8", "--blur", "0"],
-            "no blur, crop >= 0.4": ["--min-scale", "0.4", "--jitter", "0.4", "--blur", "0"]}
+            "no blur, crop >= 0.4": ["--min-scale", "0.4", "--jitter", "0.4", "--blur", "0"],
+            "no blur, jitter 0.8": ["--min-scale", "0.08", "--jitter", "0.8", "--blur", "0"]}
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -430,6 +431,7 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, help="override the preset's epochs (every dataset)")
     ap.add_argument("--finetune-epochs", type=int, help="override the preset's fine-tune epochs")
     ap.add_argument("--train-subset", type=int, help="override the preset's train subset (0: whole train split)")
+    ap.add_argument("--batch-size", type=int, help="override the preset's batch size (every dataset)")
     ap.add_argument("--jobs", type=int, help="runs at once (default: the preset's; on one GPU, small runs share it)")
     ap.add_argument("--part", default="1/1", help="I/N: run only the I-th of N interleaved shares of the runs (to "
                                                   "split a study over calls); the table covers every finished run")
@@ -453,10 +455,10 @@ def main(argv=None):
         assert 1 <= part <= n_parts
     except (ValueError, AssertionError):
         raise SystemExit(f"--part {cli.part}: expected I/N with 1 <= I <= N, e.g. 1/2") from None
-    for key in ("jobs", "epochs", "finetune_epochs", "train_subset"):
-        if getattr(cli, key) is not None and getattr(cli, key) < (1 if key in ("jobs", "epochs") else 0):
+    for key in ("jobs", "epochs", "finetune_epochs", "train_subset", "batch_size"):
+        if getattr(cli, key) is not None and getattr(cli, key) < (1 if key in ("jobs", "epochs", "batch_size") else 0):
             raise SystemExit(f"--{key.replace('_', '-')} {getattr(cli, key)}: expected a positive number")
-    overridden = ("seeds", "epochs", "finetune_epochs", "train_subset", "jobs")
+    overridden = ("seeds", "epochs", "finetune_epochs", "train_subset", "batch_size", "jobs")
     cli.overrides = [f"{k} {getattr(cli, k)}" for k in overridden if getattr(cli, k) is not None]
     cli.overrides += [f"{k} {getattr(cli, k)}" for k in ("methods", "baselines") if getattr(cli, k) != ap.get_default(k)]
     cli.overrides += [f"data {' '.join(specs)}"] if specs != cfg["data"] else []
