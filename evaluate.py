@@ -221,8 +221,8 @@ def train_with_labels(net, head, ds, mean, std, epochs, lr, backbone_lr_scale, b
     """Backbone + linear head trained on the train labels with cross-entropy (SGD, momentum 0.9, cosine LR), one
     augmented view per image per step (the crop scale of the image size, common.AUGMENT); the backbone's LR is
     lr * backbone_lr_scale. Both are trained in place. The val AUC is measured after every epoch (and before the
-    first, epoch 0); returns the test metrics of the best-val epoch, with that epoch and its val AUC. Shared by the
-    fine-tune protocol and the supervised-from-scratch baseline."""
+    first, epoch 0); returns the test metrics of the best-val epoch (val AUC, then val balanced accuracy), with that
+    epoch and its val AUC. Shared by the fine-tune protocol and the supervised-from-scratch baseline."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x, y = ds["train"]
@@ -251,11 +251,12 @@ def train_with_labels(net, head, ds, mean, std, epochs, lr, backbone_lr_scale, b
                 loss.backward()
                 opt.step()
                 sched.step()
-        val_auc = metrics(ds["val"][1], head_probs(net, head, ds, mean, std, "val"))["auc"]
-        if best is None or val_auc > best[0]:  # ties keep the earlier epoch
-            best = (val_auc, epoch, head_probs(net, head, ds, mean, std, "test"))
+        val = metrics(ds["val"][1], head_probs(net, head, ds, mean, std, "val"))
+        score = (val["auc"], val["balanced_acc"])  # AUC first; equal AUCs (e.g. 1.0 on easy data): the better threshold
+        if best is None or score > best[0]:  # full ties keep the earlier epoch
+            best = (score, epoch, head_probs(net, head, ds, mean, std, "test"))
     net.eval()
-    val_auc, epoch, probs = best
+    (val_auc, _), epoch, probs = best
     return {**metrics(ds["test"][1], probs), "auc_ci95": bootstrap_auc(ds["test"][1], probs, seed=seed),
             "epoch": epoch, "epochs": epochs, "val_auc": val_auc}
 

@@ -170,8 +170,8 @@ def test_lp_ft_starts_from_the_probe_and_reports_the_best_val_epoch(monkeypatch,
             epoch["n"] += 1  # train_with_labels scores val once per epoch, 0..epochs
         return torch.full((len(ds_[split][1]), 2), float(epoch["n"]))  # the test probs carry the epoch they came from
     monkeypatch.setattr(evaluate, "head_probs", scripted)
-    monkeypatch.setattr(evaluate, "metrics", lambda y, p: {"auc": val_scores[epoch["n"]]} if y is yv
-                        else {"auc": 1.0, "mark": float(p[0, 0])})
+    monkeypatch.setattr(evaluate, "metrics", lambda y, p: {"auc": val_scores[epoch["n"]], "balanced_acc": 0.5}
+                        if y is yv else {"auc": 1.0, "mark": float(p[0, 0])})
     monkeypatch.setattr(evaluate, "bootstrap_auc", lambda *a, **k: [0.0, 1.0])
     m = evaluate.finetune(net, head, ds, mean, std, epochs=4, lr=0.0)
     assert m["epoch"] == 1 and m["val_auc"] == 0.9 and m["mark"] == 1.0
