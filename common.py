@@ -485,9 +485,7 @@ def trim_log(path, start_epoch):
         return
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line).get("epoch", 0) < start_epoch]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    write_text(path, "".join(keep))
 
 
 def take_subset(ds, n, seed):

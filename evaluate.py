@@ -105,16 +105,19 @@ def binary_auc(y, score):
     return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def auc(y, probs):
+    """ROC AUC of probs (N, K) for labels y (N,): binary, or the macro one-vs-rest mean over present classes."""
+    if probs.shape[1] == 2:
+        return binary_auc(y == 1, probs[:, 1])
+    aucs = [binary_auc(y == c, probs[:, c]) for c in range(probs.shape[1]) if 0 < int((y == c).sum()) < len(y)]
+    return sum(aucs) / len(aucs) if aucs else float("nan")
+
+
 def metrics(y, probs):
     """y (N,) int64, probs (N, K) -> acc, auc (binary, or macro one-vs-rest), f1_weighted, balanced_acc."""
     y, probs = y.cpu(), probs.float().cpu()
     K = probs.shape[1]
     pred = probs.argmax(1)
-    if K == 2:
-        auc = binary_auc(y == 1, probs[:, 1])
-    else:
-        aucs = [binary_auc(y == c, probs[:, c]) for c in range(K) if 0 < int((y == c).sum()) < len(y)]
-        auc = sum(aucs) / len(aucs) if aucs else float("nan")
     f1, recalls = 0.0, []
     for c in range(K):
         tp = int(((pred == c) & (y == c)).sum())
@@ -124,7 +127,7 @@ def metrics(y, probs):
         if support:
             f1 += support / len(y) * (2 * tp / (2 * tp + fp + fn))
             recalls.append(tp / support)
-    return {"acc": float((pred == y).float().mean()), "auc": auc, "f1_weighted": f1,
+    return {"acc": float((pred == y).float().mean()), "auc": auc(y, probs), "f1_weighted": f1,
             "balanced_acc": sum(recalls) / len(recalls)}
 
 
@@ -137,7 +140,7 @@ def bootstrap_auc(y, probs, n=1000, seed=0):
     while len(aucs) < n:
         idx = torch.randint(0, len(y), (len(y),), generator=g)
         if len(y[idx].unique()) == len(y.unique()):
-            aucs.append(metrics(y[idx], probs[idx])["auc"])
+            aucs.append(auc(y[idx], probs[idx]))
     return torch.tensor(aucs).quantile(torch.tensor([0.025, 0.975])).tolist()
 
 

@@ -53,7 +53,6 @@ PRESETS = {
 }
 METHODS = ["simclr", "dclw", "byol", "simsiam", "barlow", "vicreg"]
 BASELINES = ["random", "supervised", "imagenet"]
-SSL = set(METHODS)
 NAMES = {"random": "random init", "supervised": "supervised (scratch)", "imagenet": "ImageNet transfer",
          "simclr": "SimCLR", "dclw": "DCLW", "byol": "BYOL", "simsiam": "SimSiam", "barlow": "Barlow Twins",
          "vicreg": "VICReg"}
@@ -101,7 +100,7 @@ def command(model, data, size, seed, cfg, run, cli):
         common_args += ["--train-subset", str(cfg["subset"])]
     if cli.data_dir:
         common_args += ["--data-dir", cli.data_dir]
-    if model in SSL:
+    if model in METHODS:
         cmd = py + [f"{model}.py", *common_args, "--epochs", str(cfg["epochs"]), "--eval-every", str(cfg["eval_every"]),
                     "--warmup-epochs", str(cfg["warmup_epochs"]), "--out", run, *cfg.get("extra", [])]
         return cmd + (["--resume"] if os.path.exists(os.path.join(run, "checkpoint.pt")) else [])
@@ -167,15 +166,19 @@ def curves(path):
 
 
 # ------------------------------------------------------------------------------------------------ table
+def mean_sd(values):
+    """(mean, sample std) of a list of numbers; std None for one value."""
+    m = sum(values) / len(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+
+
 def mean_std(values):
     """'0.960' for one value, '0.960 ± 0.004' (sample std) for several; '–' for none."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return "–"
-    m = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{m:.3f}"
-    return f"{m:.3f} ± {math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)):.3f}"
+    m, sd = mean_sd(values)
+    return f"{m:.3f}" if sd is None else f"{m:.3f} ± {sd:.3f}"
 
 
 def machine():
@@ -206,10 +209,8 @@ def paired_delta(ok, d, model, proto):
              if r["model"] == model and r["data"] == d and r["seed"] in base and proto in r["results"]]
     if not diffs:
         return "–"
-    m = sum(diffs) / len(diffs)
-    if len(diffs) == 1:
-        return f"{m:+.3f} (1 seed)"
-    return f"{m:+.3f} ± {math.sqrt(sum((x - m) ** 2 for x in diffs) / (len(diffs) - 1)):.3f} ({len(diffs)} seeds)"
+    m, sd = mean_sd(diffs)
+    return f"{m:+.3f} (1 seed)" if sd is None else f"{m:+.3f} ± {sd:.3f} ({len(diffs)} seeds)"
 
 
 def chosen(rs, proto):

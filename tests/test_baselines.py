@@ -178,9 +178,11 @@ def test_table_cells_paired_differences_and_specs(tmp_path):
     assert reproduce.parse_spec(str(tmp_path / "site@2"), 28) == (str(tmp_path / "site@2"), 28)  # a folder
     with pytest.raises(SystemExit, match="NAME@SIZE"):
         reproduce.parse_spec("breast@big", 28)
-    gpu = reproduce.PRESETS["gpu"]
-    assert reproduce.setting(gpu, "epochs", "breast@64") == gpu["epochs"]["breast@64"]
-    assert reproduce.setting(gpu, "epochs", "pneumonia") >= 200 and reproduce.setting(gpu, "seeds", "x") == [0, 1, 2]
+    preset = {"epochs": {"breast": 5, "breast@64": 7}, "batch_size": 32}
+    assert reproduce.setting(preset, "epochs", "breast@64") == 7  # the entry's own value
+    assert reproduce.setting(preset, "epochs", "breast@128") == 5  # else the flag's
+    assert reproduce.setting(preset, "batch_size", "anything") == 32  # one value for every entry
+    assert reproduce.setting(reproduce.PRESETS["gpu"], "epochs", "pneumonia") >= 200  # the minimum
 
 
 def test_training_with_labels_stops_on_a_non_finite_loss(tmp_path):
