@@ -3,12 +3,15 @@ checkpoints and logging. Nothing method-specific lives here: the losses, heads a
 """
 import argparse
 import dataclasses
+import errno
+import glob
 import hashlib
 import inspect
 import json
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 import urllib.request
@@ -19,14 +22,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torchvision
+from PIL import Image, UnidentifiedImageError
 
 from csrc.augment import P, TOP, LEFT, HEIGHT, WIDTH, FLIP, JITTER, BRIGHT, CONTRAST, SAT, HUE, GRAY, BLUR, SIGMA, SOLARIZE
-from csrc.augment import augment, blur_kernel_size  # noqa: F401  (re-exported for the method files)
+from csrc.augment import augment, check_params  # noqa: F401  (augment re-exported for the method files)
 
 # ------------------------------------------------------------------------------------------------ args
 def parse_args(cls, argv=None):
     """A dataclass -> argparse bridge: every field becomes --field-name with its type, default, and as help the
-    comment that follows it in the source (so the Args class stays the one place that documents an option)."""
+    comment that follows it in the source (so the Args class stays the one place that documents an option).
+    Every field is then checked against RULES before any work starts; all bad fields are reported at once."""
     parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), flags=re.M))
@@ -37,7 +42,74 @@ def parse_args(cls, argv=None):
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             parser.add_argument(flag, type=typ, default=f.default, help=doc)
-    return cls(**vars(parser.parse_args(argv)))
+    args = cls(**vars(parser.parse_args(argv)))
+    errors = check_args(args)
+    if errors:
+        parser.error("\n  " + "\n  ".join(errors))  # usage + every bad field, exit code 2
+    return args
+
+
+# What each Args field may hold (every method file's fields; tests/test_common.py checks none is missing). The
+# comparisons are written so that NaN fails them. --epochs 0 is refused: there is nothing to pre-train.
+RULES = {
+    "data": (lambda v: v != "", "a MedMNIST flag, a folder or an .npz file"),
+    "size": (lambda v: 8 <= v <= 1024, "8..1024 pixels"),
+    "arch": (lambda v: v in ("resnet18", "resnet50"), "resnet18 or resnet50"),
+    "epochs": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 2, ">= 2 (batch norm and the losses need two images)"),
+    "lr": (lambda v: 0 < v < math.inf, "> 0"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "seed": (lambda v: 0 <= v < 2 ** 63, "0 <= seed < 2**63"),
+    "train_subset": (lambda v: v >= 0, ">= 0 (0: the whole train split)"),
+    "eval_every": (lambda v: v >= 1, ">= 1"),
+    "finetune_epochs": (lambda v: v >= 0, ">= 0"),
+    "min_scale": (lambda v: 0 <= v <= 1, "0 (by size) or a fraction in (0, 1]"),
+    "jitter": (lambda v: v == -1 or 0 <= v <= 1, "-1 (by size) or 0..1"),
+    "blur": (lambda v: v in (-1, 0, 1), "-1 (by size), 0 or 1"),
+    "temperature": (lambda v: 0 < v < math.inf, "> 0"),
+    "sigma": (lambda v: 0 < v < math.inf, "> 0"),
+    "weighting": (lambda v: v in ("vmf", "none"), "vmf or none"),
+    "ema_decay": (lambda v: 0 <= v <= 1, "0..1"),
+    "lambd": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "scale_loss": (lambda v: 0 < v < math.inf, "> 0"),
+    **{k: (lambda v: 0 <= v < math.inf, ">= 0") for k in ("sim_coeff", "std_coeff", "cov_coeff")},
+    **{k: (lambda v: v >= 1, ">= 1") for k in ("proj_hidden", "proj_dim", "pred_hidden")},
+    **{k: (lambda v: True, "any") for k in ("data_dir", "out", "resume", "overwrite", "fix_pred_lr")},
+}
+
+
+def check_args(args):
+    """One message per Args field that breaks its RULES entry, plus the cross-field rules."""
+    errors = [f"--{k.replace('_', '-')} {v!r}: expected {RULES[k][1]}" for k, v in vars(args).items()
+              if k in RULES and not RULES[k][0](v)]
+    out = getattr(args, "out", "")
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        errors.append(f"--out {out!r}: is a file, expected a run folder")
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        errors.append("--resume and --overwrite: pick one (continue the run in --out, or replace it)")
+    return errors
+
+
+def launch(main, cls, method):
+    """Parse and check the arguments, then main(args). Ctrl-C or SIGTERM end it with one line saying where it
+    stopped and how to resume (exit code 130), not a traceback."""
+    args = parse_args(cls)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (kill, a scheduler) becomes Ctrl-C
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)  # a second signal must not interrupt the message
+        out = run_dir(args, method)
+        rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+        last = next((r for r in reversed(rows) if "step" in r), None)
+        where = f"epoch {last['epoch'] + 1} (step {last['step'] + 1} of the run)" if last else "before the first step"
+        ckpt = os.path.join(out, "checkpoint.pt")
+        kept = (f"last checkpoint {ckpt} (epoch {torch.load(ckpt, mmap=True, weights_only=True)['epoch']})"
+                if os.path.exists(ckpt) else "no checkpoint yet")
+        print(f"\n{method}: interrupted at {where}; {kept}; rerun with --resume to continue", file=sys.stderr)
+        sys.exit(130)
 
 
 def get_device():
@@ -45,8 +117,30 @@ def get_device():
 
 
 def run_dir(args, method):
-    name = os.path.basename(os.path.normpath(args.data))
+    name = os.path.basename(os.path.normpath(args.data)).removesuffix(".npz")
     return args.out or os.path.join("runs", f"{method}-{name}-{args.size}-s{args.seed}")
+
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "results.json", "eval.json")
+
+
+def prepare_run(args, method):
+    """The run folder, made ready: the temp files of a killed save removed; a folder that holds another run refused
+    unless --resume (continue it) or --overwrite (delete its files first), so checkpoint, log and results of one
+    folder always belong to one run. Returns (out, checkpoint path, metrics path)."""
+    out = run_dir(args, method)
+    os.makedirs(out, exist_ok=True)
+    for tmp in glob.glob(os.path.join(glob.escape(out), "*.tmp")):
+        if os.path.basename(tmp).split(".")[0] in ("checkpoint", "metrics", "results", "eval"):
+            os.remove(tmp)  # only what atomic_write makes: <name>.<random>.tmp
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if found and args.overwrite:
+        for f in found:
+            os.remove(os.path.join(out, f))
+    elif found and not args.resume:
+        raise SystemExit(f"{method}: {out} already holds a run ({', '.join(found)}). Pass --resume to continue it, "
+                         f"--overwrite to replace it, or a new --out.")
+    return out, os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -96,11 +190,10 @@ def md5sum(path):
 
 
 def download(url, path, md5):
-    """Stream url to path.part with a progress bar, check the MD5, then rename: no half-written file is left."""
+    """Stream url to a temp file with a progress bar, check the MD5, then rename: no half-written file is left."""
     from tqdm import tqdm
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".part"
-    try:
+
+    def write(tmp):
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
@@ -110,10 +203,7 @@ def download(url, path, md5):
         got = md5sum(tmp)
         if got != md5:
             raise ValueError(f"downloaded {url} has MD5 {got}, expected the official {md5}; the file was deleted")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, write)
 
 
 def find_medmnist(flag, size, data_dir):
@@ -137,7 +227,7 @@ def find_medmnist(flag, size, data_dir):
     return path
 
 
-def check_splits(arrays, source, multi_label_ok=False):
+def check_splits(arrays, source):
     """Validate a {train,val,test}_{images,labels} mapping; return uint8 N x C x H x W tensors and int64 labels."""
     out = {}
     for split in SPLITS:
@@ -165,7 +255,15 @@ def check_splits(arrays, source, multi_label_ok=False):
         if y.min() < 0:
             raise ValueError(f"{source}: {split}_labels has negative label {y.min()}")
         out[split] = (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
-    n_classes = int(out["train"][1].max()) + 1
+    # classes are 0..K-1, every one of them in train (checked on the distinct labels: a stray 2**40 allocates nothing)
+    present = np.unique(out["train"][1].numpy())
+    if len(present) < 2:
+        raise ValueError(f"{source}: train_labels has {len(present)} class ({present.tolist()}); need at least two")
+    if present[-1] != len(present) - 1:
+        missing = np.setdiff1d(np.arange(len(present) + 1), present)[:5].tolist()
+        raise ValueError(f"{source}: train_labels must be 0..K-1 with every class present; found {len(present)} "
+                         f"distinct labels up to {present[-1]}, missing e.g. {missing}")
+    n_classes = len(present)
     for split in ("val", "test"):
         if int(out[split][1].max()) >= n_classes:
             raise ValueError(f"{source}: {split}_labels has label {int(out[split][1].max())} out of range: "
@@ -211,33 +309,55 @@ def _stratified_split(labels, frac, gen):
     return torch.cat(keep).sort().values, torch.cat(carve).sort().values
 
 
+def _to_rgb8(im):
+    """A PIL image as 8-bit RGB. 16-bit images (X-ray, MRI exports) are scaled by their bit depth (x / 257), 32-bit
+    integer and float ones by their own min..max; PIL's convert would clip them at 255 instead."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = (0.0, 65535.0) if im.mode.startswith("I;16") else (a.min(), max(a.max(), a.min() + 1))
+        warnings.warn(f"{im.mode} images are scaled to 8 bits " + ("by their bit depth (x / 257)" if lo == 0 and
+                      hi == 65535 else "by each image's range"), stacklevel=3)  # shown once per place
+        im = Image.fromarray(np.round((a - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8))
+    return im.convert("RGB")
+
+
 def load_folder(root, size, data_dir, seed=0):
     """Paper layouts PATH/{train,val,test}/CLASS/* or PATH/CLASS/*, resized to size x size -> (arrays, source).
 
-    The arrays are cached as <data_dir>/<folder>_<size>_s<seed>.npz so the second run starts at once; a read-only
-    data_dir (CI mounts the shared data so) only costs the cache, with a warning.
+    The arrays are cached as <data_dir>/<folder>_<size>_s<seed>_<key>.npz so the second run starts at once. The key
+    hashes the folder's absolute path, size, seed and every file's name, size and mtime: another folder of the same
+    name, or an added, removed or changed image, makes a new cache. A read-only data_dir only costs the cache.
     """
-    from PIL import Image, UnidentifiedImageError
-    root = os.path.normpath(root)
-    cache = os.path.join(data_dir, f"{os.path.basename(root)}_{size}_s{seed}.npz")
-    if os.path.exists(cache):
-        return load_npz(cache), cache
+    from tqdm import tqdm
+    root = os.path.abspath(root)
     has_splits = os.path.isdir(os.path.join(root, "train"))
     per_split = {s: _list_class_folder(os.path.join(root, s)) for s in SPLITS
                  if os.path.isdir(os.path.join(root, s))} if has_splits else {"train": _list_class_folder(root)}
+    key = hashlib.sha1(f"{root}|{size}|{seed}".encode())
+    for files in per_split.values():
+        for f in (f for fs in files.values() for f in fs):
+            st = os.stat(f)
+            key.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    cache = os.path.join(data_dir, f"{os.path.basename(root)}_{size}_s{seed}_{key.hexdigest()[:12]}.npz")
+    if os.path.exists(cache):
+        return load_npz(cache), cache
     classes = sorted(set().union(*per_split.values()))
     imgs, labels = {}, {}
+    bar = tqdm(total=sum(len(fs) for files in per_split.values() for fs in files.values()), unit="img",
+               desc=f"decoding {os.path.basename(root)} at {size} px (cached after this run)")
     for split, files in per_split.items():
         xs, ys = [], []
         for c, fs in files.items():
             for f in fs:
                 try:
                     with Image.open(f) as im:
-                        xs.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
+                        xs.append(np.asarray(_to_rgb8(im).resize((size, size), Image.BILINEAR)))
                 except (UnidentifiedImageError, OSError, ValueError) as e:
                     raise ValueError(f"{f}: unreadable image file ({e})") from e
                 ys.append(classes.index(c))
+                bar.update()
         imgs[split], labels[split] = np.stack(xs), np.asarray(ys, dtype=np.int64)
+    bar.close()
     # carve the missing splits from train, seeded and stratified (paper: 10% val; 20% test where absent)
     gen = torch.Generator().manual_seed(seed)
     for split, frac in (("test", 0.2), ("val", 0.1)):
@@ -249,34 +369,41 @@ def load_folder(root, size, data_dir, seed=0):
     gray = all((x[..., 0] == x[..., 1]).all() and (x[..., 1] == x[..., 2]).all() for x in imgs.values())
     arrays = {f"{s}_images": imgs[s][..., 0] if gray else imgs[s] for s in SPLITS}
     arrays.update({f"{s}_labels": labels[s] for s in SPLITS})
-    tmp = None
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, classes=np.asarray(classes), **arrays)
     try:
-        os.makedirs(data_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=data_dir)
-        os.close(fd)
-        np.savez(tmp, classes=np.asarray(classes), **arrays)
-        os.replace(tmp, cache)
+        atomic_write(cache, write)
     except OSError as e:
         warnings.warn(f"could not cache {root} as {cache} ({e}); it will be decoded again next time", stacklevel=2)
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
     return arrays, root
 
 
 def load_dataset(data, size=28, data_dir=None, seed=0, device="cpu"):
-    """Returns {'train'|'val'|'test': (uint8 N x C x H x W, int64 N) on device, 'n_classes', 'channels', 'name'}."""
+    """data: a MedMNIST flag, a folder (load_folder) or a .npz file in the MedMNIST layout. Returns
+    {'train'|'val'|'test': (uint8 N x C x H x W, int64 N) on device, 'n_classes', 'channels', 'name', 'id'};
+    'id' hashes the arrays themselves, so a resumed run can tell the same data under another name or path."""
     data_dir = data_dir or default_data_dir()
     if os.path.isdir(data):
         arrays, path = load_folder(data, size, data_dir, seed)
+    elif data.endswith(".npz"):
+        if not os.path.isfile(data):
+            raise FileNotFoundError(f"--data {data}: no such .npz file")
+        arrays, path = load_npz(data), data
     else:
         path = find_medmnist(ALIASES.get(data, data), size, data_dir)
         arrays = load_npz(path)
     splits, n_classes = check_splits(arrays, path)
+    if splits["train"][0].shape[-1] != size or splits["train"][0].shape[-2] != size:
+        raise ValueError(f"{path}: images are {tuple(splits['train'][0].shape[-2:])}, expected --size {size}")
+    digest = hashlib.sha1()
+    for s in SPLITS:
+        for t in splits[s]:
+            digest.update(str(tuple(t.shape)).encode() + t.numpy().tobytes())
     ds = {s: (x.to(device), y.to(device)) for s, (x, y) in splits.items()}
-    if ds["train"][0].shape[-1] != size or ds["train"][0].shape[-2] != size:
-        raise ValueError(f"{path}: images are {tuple(ds['train'][0].shape[-2:])}, expected --size {size}")
-    ds.update(n_classes=n_classes, channels=ds["train"][0].shape[1], name=os.path.basename(os.path.normpath(data)))
+    name = os.path.basename(os.path.normpath(data)).removesuffix(".npz")
+    ds.update(n_classes=n_classes, channels=ds["train"][0].shape[1], name=name, id=digest.hexdigest()[:16])
     return ds
 
 
@@ -353,6 +480,7 @@ def sample_params(B, H, W, C, gen, views, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3
         p[v, :, GRAY] = (coin[v, :, 1] < (pr.gray if C == 3 else 0.0)).float()
         p[v, :, BLUR] = (coin[v, :, 2] < pr.blur).float()
         p[v, :, SOLARIZE] = (coin[v, :, 3] < pr.solarize).float()
+    check_params(p, H, W)  # on the CPU, before the copy to the device (bad scale/ratio/strength arguments)
     return p
 
 
@@ -443,31 +571,44 @@ def warmup_cosine(optimizer, warmup_steps, total_steps, fixed_groups=()):
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints, logs
-def save_checkpoint(path, state):
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half-written checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+_UMASK = os.umask(0o022)  # the process umask; reading it means setting it, so put it straight back
+os.umask(_UMASK)
+
+
+def _write_failed_for_space(e):
+    """A full disk or the file-size limit (ulimit -f): OSError ENOSPC/EFBIG/EDQUOT, or torch.save's zip writer
+    failing mid-file ("[enforce fail at inline_container.cc] unexpected pos ...")."""
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or "inline_container" in str(e)
+
+
+def atomic_write(path, write):
+    """write(tmp) into a temp file beside path, then rename it over path: a reader never sees a half-written file,
+    and a failed or killed write leaves the previous file as it was. Temp files are named <name>.<random>.tmp
+    (prepare_run removes those a killed save left). The file gets the mode a plain open() would (mkstemp: 0600)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        torch.save(state, tmp)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if not _write_failed_for_space(e):
+            raise
+        kept = f"the previous {name} is intact" if os.path.exists(path) else "nothing was written"
+        raise OSError(errno.ENOSPC, f"no space left on device (or over the file-size limit) while writing {path}; "
+                                    f"{kept} ({type(e).__name__}: {e})") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def load_checkpoint(path, device="cpu"):
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise ValueError(f"{path}: not a readable medssl checkpoint ({type(e).__name__}: {e})") from e
-
-
 def write_text(path, text):
-    """Write to path.tmp, then rename: a reader never sees a half-written file."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
 
 
 def write_json(path, obj):
@@ -479,13 +620,81 @@ def log_jsonl(path, row):
         f.write(json.dumps(row) + "\n")
 
 
-def trim_log(path, start_epoch):
-    """On resume, drop metrics rows of epochs that the checkpoint does not contain (they will be re-run)."""
+def read_jsonl(path):
+    """The rows of a metrics.jsonl ([] if there is none); a last line cut short by a kill is dropped."""
     if not os.path.exists(path):
-        return
+        return []
+    rows = []
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("epoch", 0) < start_epoch]
-    write_text(path, "".join(keep))
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def trim_log(path, start_epoch):
+    """Keep the metrics rows of epochs before start_epoch (on resume: the epochs the checkpoint contains)."""
+    if os.path.exists(path):
+        write_text(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r.get("epoch", 0) < start_epoch))
+
+
+STATE_KEYS = ("method", "args", "data_id", "epoch", "model", "optimizer", "scheduler", "gen", "torch_rng")
+# Args fields that do not change what is trained or measured: a resumed run may give other values for these.
+# The data is compared by its content (ds["id"]), so --data pneumonia and --data path/to/pneumoniamnist.npz agree.
+FREE_ON_RESUME = ("data", "data_dir", "out", "eval_every", "resume", "overwrite")
+
+
+def load_checkpoint(path, device="cpu", keys=("args", "model")):
+    """torch.load(weights_only=True) of a medssl checkpoint, with a clear error for anything else."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise ValueError(f"{path}: not a readable medssl checkpoint ({type(e).__name__}: {e})") from e
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a medssl checkpoint (missing keys {missing})")
+    return ckpt
+
+
+def save_state(path, args, method, data_id, epoch, model, optimizer, scheduler, gen):
+    """The checkpoint after `epoch` epochs: all a run needs to continue exactly (weights, optimizer and schedule,
+    both RNG streams), and the args and data identity that restore_state compares."""
+    state = {"method": method, "args": dataclasses.asdict(args), "data_id": data_id, "epoch": epoch,
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "gen": gen.get_state(), "torch_rng": torch.get_rng_state()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def restore_state(path, args, method, data_id, model, optimizer, scheduler, gen, log_path):
+    """With --resume and a checkpoint at path: load it into the objects and return its epoch, after checking that it
+    is this method's with the same configuration (every Args field but FREE_ON_RESUME, and the same data). Else 0.
+    The log keeps only the epochs the checkpoint contains (an epoch cut short is re-run)."""
+    start = 0
+    if args.resume and os.path.exists(path):
+        try:
+            ckpt = load_checkpoint(path, next(model.parameters()).device, STATE_KEYS)
+        except ValueError as e:
+            raise SystemExit(f"{method}: --resume: {e}") from None
+        now, was = {**dataclasses.asdict(args), "method": method}, {**ckpt["args"], "method": ckpt["method"]}
+        diff = [f"{k}: {was.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(now) | set(was))
+                if k not in FREE_ON_RESUME and was.get(k) != now.get(k)]
+        if ckpt["data_id"] != data_id:
+            diff.append(f"data: {was.get('data')!r} (content {ckpt['data_id']}) in the checkpoint, {args.data!r} "
+                        f"(content {data_id}) now")
+        if diff:
+            raise SystemExit(f"{method}: --resume: {path} was made with another configuration:\n  " + "\n  ".join(diff)
+                             + "\nRerun with the checkpoint's values, or use --overwrite / a new --out for a new run.")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        gen.set_state(ckpt["gen"].cpu())  # RNG states are CPU tensors even when the model is on a GPU
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+        start = ckpt["epoch"]
+        print(f"resumed from {path} at epoch {start}")
+    trim_log(log_path, start)
+    return start
 
 
 def take_subset(ds, n, seed):

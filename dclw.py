@@ -49,6 +49,7 @@ class Args:
     blur: int = -1  # Gaussian blur with the method's probabilities: 1 on, 0 off (-1: by --size)
     out: str = ""  # run folder; default runs/<method>-<data>-<size>-s<seed>
     resume: bool = False  # continue from <out>/checkpoint.pt
+    overwrite: bool = False  # replace the run already in --out instead of refusing to touch it
     # DCLW
     temperature: float = 0.1  # t (the paper's; DCL is less sensitive to it than NT-Xent)
     weighting: str = "vmf"  # positive weight w_i: vmf (DCLW, the default) or none (DCL)
@@ -95,9 +96,7 @@ def loss_fn(z1, z2, temperature, sigma=None):
 # ------------------------------------------------------------------------------------------------ 3. setup
 def main(args):
     device = common.get_device()
-    out = common.run_dir(args, METHOD)
-    os.makedirs(out, exist_ok=True)
-    ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
+    out, ckpt_path, log_path = common.prepare_run(args, METHOD)  # refuses a folder that holds another run
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)  # CPU stream for batch order and augmentation params
 
@@ -120,20 +119,8 @@ def main(args):
     optimizer = common.LARS(model.parameters(), lr=args.lr * B / 256, weight_decay=args.weight_decay)
     scheduler = common.warmup_cosine(optimizer, args.warmup_epochs * steps, args.epochs * steps)
 
-    start = 0
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = common.load_checkpoint(ckpt_path, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        gen.set_state(ckpt["gen"].cpu())  # RNG states are CPU tensors even when the model is on a GPU
-        torch.set_rng_state(ckpt["torch_rng"].cpu())
-        start = ckpt["epoch"]
-        print(f"resumed from {ckpt_path} at epoch {start}")
-    if args.resume:
-        common.trim_log(log_path, start)  # drop rows of the epoch that was cut short: it will be re-run
-    else:
-        open(log_path, "w").close()  # a fresh run starts a fresh log
+    # --resume: continue from the checkpoint, which must come from the same configuration; else start at epoch 0
+    start = common.restore_state(ckpt_path, args, METHOD, ds["id"], model, optimizer, scheduler, gen, log_path)
 
     # -------------------------------------------------------------------------------------------- 4. training loop
     bar = tqdm(total=args.epochs * steps, initial=start * steps, desc=METHOD, unit="step")
@@ -177,10 +164,7 @@ def main(args):
             knn = evaluate.knn_eval(backbone, ds, mean, std)
             common.log_jsonl(log_path, {"epoch": epoch, "val/knn_acc": knn["acc"], "val/knn_auc": knn["auc"]})
             bar.write(f"epoch {epoch + 1}: val kNN acc {knn['acc']:.4f} auc {knn['auc']:.4f}")
-        common.save_checkpoint(ckpt_path, {
-            "method": METHOD, "args": dataclasses.asdict(args), "epoch": epoch + 1, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "gen": gen.get_state(), "torch_rng": torch.get_rng_state()})
+        common.save_state(ckpt_path, args, METHOD, ds["id"], epoch + 1, model, optimizer, scheduler, gen)
     bar.close()
 
     # -------------------------------------------------------------------------------------------- 5. evaluation
@@ -192,4 +176,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args))
+    common.launch(main, Args, METHOD)  # parses and checks the args; Ctrl-C ends with a one-line note

@@ -326,10 +326,11 @@ def print_table(rows):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="a method's checkpoint.pt (its args say data, size, arch)")
-    ap.add_argument("--data", default="pneumonia")
-    ap.add_argument("--size", type=int, default=28)
-    ap.add_argument("--data-dir", default="")
-    ap.add_argument("--arch", default="resnet18")
+    # data, size, data dir, arch, seed, subset: an explicit flag wins; else the checkpoint's value; else the default
+    ap.add_argument("--data", help="MedMNIST flag, folder or .npz (default: the checkpoint's, else pneumonia)")
+    ap.add_argument("--size", type=int, help="image side (default: the checkpoint's, else 28)")
+    ap.add_argument("--data-dir", help="where the data lives (default: the checkpoint's, else $MEDSSL_DATA_DIR)")
+    ap.add_argument("--arch", help="resnet18 or resnet50 (default: the checkpoint's, else resnet18)")
     ap.add_argument("--init", default="random", choices=["random", "supervised", "imagenet"],
                     help="baseline when no --checkpoint is given: untrained; trained from scratch with labels for "
                          "--epochs; torchvision's ImageNet weights (see --weights)")
@@ -341,22 +342,20 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=0.1, help="--init supervised: SGD learning rate for a batch of 256, "
                                                          "scaled linearly with the batch size")
     ap.add_argument("--batch-size", type=int, default=256, help="--init supervised: images per step")
-    ap.add_argument("--train-subset", type=int, default=0, help="use a random N-image subset of the train split")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-subset", type=int, help="use a random N-image subset of the train split (default: the "
+                                                      "checkpoint's, else 0 = all)")
+    ap.add_argument("--seed", type=int, help="(default: the checkpoint's, else 0)")
     ap.add_argument("--out", default="", help="JSON path (default: beside the checkpoint, or runs/<init>-...)")
     ap.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune end to end for N epochs (0: skip)")
     a = ap.parse_args(argv)
     device = common.get_device()
-    if a.checkpoint:
-        ckpt = common.load_checkpoint(a.checkpoint)
-        for key in ("args", "model"):
-            if key not in ckpt:
-                raise ValueError(f"{a.checkpoint}: no {key!r} entry; expected a checkpoint written by a medssl method")
-        args = ckpt["args"]
-        data, size, arch, seed = args["data"], args["size"], args["arch"], args["seed"]
-        data_dir, method, subset = args.get("data_dir") or a.data_dir, ckpt.get("method", "ssl"), args.get("train_subset", 0)
-    else:
-        data, size, arch, seed, data_dir, method, subset = a.data, a.size, a.arch, a.seed, a.data_dir, a.init, a.train_subset
+    ckpt = common.load_checkpoint(a.checkpoint) if a.checkpoint else {"args": {}}
+    defaults = dict(data="pneumonia", size=28, data_dir="", arch="resnet18", seed=0, train_subset=0)
+    pick = {k: getattr(a, k) if getattr(a, k) is not None else ckpt["args"].get(k, v) for k, v in defaults.items()}
+    data, size, arch, seed, data_dir, subset = (pick[k] for k in ("data", "size", "arch", "seed", "data_dir", "train_subset"))
+    method = ckpt.get("method", "ssl") if a.checkpoint else a.init
+    if a.checkpoint and arch != ckpt["args"].get("arch", arch):
+        raise SystemExit(f"--arch {arch}: {a.checkpoint} holds a {ckpt['args']['arch']} backbone")
     try:  # fail before loading any data, with the message alone (it says how to get the weights)
         weights = imagenet_weights(arch, a.weights) if method == "imagenet" else None
     except (FileNotFoundError, ValueError) as e:

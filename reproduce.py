@@ -7,20 +7,24 @@ Run:
     python reproduce.py --preset cpu --folders ../shared/data/chest_xray_224   # add folder datasets
     make reproduce PRESET=cpu ARGS="--folders ..."        # the same through make (sets up the venv first)
 Each run is a subprocess (`python simclr.py ...`, `python evaluate.py --init ...`) writing to
-runs/reproduce-<preset>/<model>-<data>-s<seed>/; one whose results.json exists is skipped, one with a checkpoint
-is resumed, so an interrupted reproduce continues where it stopped. A failed run (e.g. ImageNet weights missing
-offline) is reported in the table and the others go on. Outputs: results/RESULTS.md, results/runs/*.json,
+runs/reproduce-<preset>/<model>-<data>-s<seed>-<hash of its command>/; one whose results.json exists is skipped
+(the hash makes that mean "the same configuration"), one with a checkpoint is resumed, so an interrupted reproduce
+(Ctrl-C, SIGTERM: the running children are stopped too) continues where it stopped when rerun. A failed run (e.g.
+ImageNet weights missing offline) is reported in the table and the others go on. Outputs: results/RESULTS.md, results/runs/*.json,
 results/{curves,label_efficiency,embedding}.png.
 """
 import argparse
 import concurrent.futures
 import datetime
+import hashlib
 import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -103,7 +107,7 @@ def command(model, data, size, seed, cfg, run, cli):
     if model in METHODS:
         cmd = py + [f"{model}.py", *common_args, "--epochs", str(cfg["epochs"]), "--eval-every", str(cfg["eval_every"]),
                     "--warmup-epochs", str(cfg["warmup_epochs"]), "--out", run, *cfg.get("extra", [])]
-        return cmd + (["--resume"] if os.path.exists(os.path.join(run, "checkpoint.pt")) else [])
+        return cmd + ["--resume"]  # continues an interrupted run of this config; starts one when there is none
     cmd = py + ["evaluate.py", "--init", model, *common_args, "--out", os.path.join(run, "results.json")]
     if model == "supervised":
         cmd += ["--epochs", str(cfg["epochs"])]
@@ -117,23 +121,33 @@ def run_one(model, data, size, seed, cfg, cli, run_it=True):
     run_it=False (a run of another --part) only reads what a finished run left."""
     name = data_name(data, size)
     key = f"{model}-{name}-s{seed}"
-    run = os.path.join(cli.runs, key)
+    # the folder name carries a hash of the run's command (minus where it writes), so a finished run is reused
+    # only by the very same configuration; any other setting runs in a folder of its own
+    cmd = command(model, data, size, seed, cfg, "RUN", cli)
+    config = " ".join(a for a in cmd[2:] if a not in ("RUN", "--resume"))
+    run = os.path.join(cli.runs, f"{key}-{hashlib.sha1(config.encode()).hexdigest()[:8]}")
+    cmd = [os.path.join(run, "results.json") if a == "RUN/results.json" else run if a == "RUN" else a for a in cmd]
     done, info = os.path.join(run, "results.json"), os.path.join(run, "run.json")
     rec = {"model": model, "data": name, "seed": seed, "preset": cli.preset, "train_subset": cfg["subset"],
            "n_train": cfg["n_train"], "epochs": cfg["epochs"], "batch_size": cfg["batch_size"]}
     if os.path.exists(done):
-        print(f"[skip] {key}: {done} exists", flush=True)
+        print(f"[skip] {key}: {done} exists (same configuration)", flush=True)
         rec["skipped"] = True
-    elif not run_it:
+    elif not run_it or STOP.is_set():
         return {**rec, "status": "pending"}
     else:
         os.makedirs(run, exist_ok=True)
-        cmd = command(model, data, size, seed, cfg, run, cli)
         print(f"[run ] {key}: {' '.join(cmd[2:])}", flush=True)
         t0 = time.time()
         with open(os.path.join(run, "log.txt"), "a") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            RUNNING[proc] = key
+            rc = proc.wait()
+            del RUNNING[proc]
         wall = time.time() - t0
+        if STOP.is_set():
+            print(f"[stop] {key}: interrupted; rerun the same command to resume it", flush=True)
+            return {**rec, "status": "pending"}
         if rc != 0 or not os.path.exists(done):
             with open(os.path.join(run, "log.txt")) as f:
                 lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
@@ -149,6 +163,19 @@ def run_one(model, data, size, seed, cfg, cli, run_it=True):
             rec.update(json.load(f))
     rec["curves"] = curves(os.path.join(run, "metrics.jsonl"))
     return {**rec, "status": "ok"}
+
+
+RUNNING = {}  # Popen -> run key: the runs in flight, for stop()
+STOP = threading.Event()  # set by a signal: start nothing new
+
+
+def stop(signum, frame):
+    """SIGTERM or Ctrl-C: pass SIGTERM to every running child (it saves nothing new and exits, see common.launch),
+    start nothing new, and let the main thread unwind with KeyboardInterrupt."""
+    STOP.set()
+    for proc in list(RUNNING):
+        proc.send_signal(signal.SIGTERM)
+    raise KeyboardInterrupt
 
 
 def curves(path):
@@ -494,8 +521,18 @@ def main(argv=None):
             common.write_json(os.path.join(cli.out, "runs", f"{cli.preset}-{rec['model']}-{rec['data']}-"
                                                             f"s{rec['seed']}.json"), rec)
         return rec
-    with concurrent.futures.ThreadPoolExecutor(cli.jobs) as pool:  # threads only wait on their subprocess
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, stop)
+    pool = concurrent.futures.ThreadPoolExecutor(cli.jobs)  # threads only wait on their subprocess
+    try:
         records = list(pool.map(go, range(len(todo))))
+    except KeyboardInterrupt:
+        keys = sorted(RUNNING.values())
+        pool.shutdown(wait=True, cancel_futures=True)  # the children got SIGTERM; wait until they have exited
+        print(f"reproduce: interrupted; stopped {', '.join(keys) or 'no running run'}. Rerun the same command to "
+              f"resume: finished runs are reused, interrupted ones continue from their last checkpoint.", flush=True)
+        return 130
+    pool.shutdown()
     if cli.ablate:
         path = write_ablation(records, list(ABLATION), cli)
     else:

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "augment.h"
@@ -48,6 +49,32 @@ Norm check_inputs(const at::Tensor& images, const at::Tensor& params, int64_t si
   return n;
 }
 
+// The params rules of augment.py (check_params; the layout table there), for params on the CPU: a bad row raises
+// with its view, sample and field instead of computing a garbage view. CUDA params are not read back here (that
+// would synchronize the stream): the kernel's crop_box keeps them memory-safe, and common.sample_params checks
+// them on the CPU before the copy.
+void check_params(const at::Tensor& params, int64_t H, int64_t W) {
+  static const char* names[P] = {"TOP", "LEFT", "HEIGHT", "WIDTH", "FLIP", "JITTER", "BRIGHT", "CONTRAST", "SAT",
+                                 "HUE", "GRAY", "BLUR", "SIGMA", "SOLARIZE"};
+  const float* p = params.data_ptr<float>();
+  const int64_t B = params.size(1), M = params.size(0) * B;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = p + m * P;
+    auto rule = [&](int col, bool ok, const char* expected) {
+      TORCH_CHECK(ok, "augment: params[", m / B, ", ", m % B, ", ", names[col], "] = ", r[col], ": expected ",
+                  expected);
+    };
+    for (int col = 0; col < P; ++col) rule(col, finite_bits(r[col]), "a finite number");
+    for (int col : {TOP, LEFT, HEIGHT, WIDTH}) rule(col, r[col] == std::floor(r[col]), "an integer");
+    rule(HEIGHT, r[HEIGHT] >= 1 && r[HEIGHT] <= H, "1 <= HEIGHT <= image height");
+    rule(WIDTH, r[WIDTH] >= 1 && r[WIDTH] <= W, "1 <= WIDTH <= image width");
+    rule(TOP, r[TOP] >= 0 && r[TOP] + r[HEIGHT] <= H, "0 <= TOP and TOP + HEIGHT <= image height");
+    rule(LEFT, r[LEFT] >= 0 && r[LEFT] + r[WIDTH] <= W, "0 <= LEFT and LEFT + WIDTH <= image width");
+    for (int col : {FLIP, JITTER, GRAY, BLUR, SOLARIZE}) rule(col, r[col] == 0.f || r[col] == 1.f, "0 or 1");
+    rule(SIGMA, r[BLUR] == 0.f || r[SIGMA] > 0.f, "SIGMA > 0 where BLUR is 1");
+  }
+}
+
 // Per-thread scratch, allocated once per parallel chunk rather than once per view.
 struct Scratch {
   std::vector<float> buf, mid, wx, taps, pad, row;
@@ -62,7 +89,8 @@ struct Scratch {
 template <int C, typename T>
 void augment_view(const uint8_t* img, int H, int W, const float* p, int S, int K, const Norm& norm, Scratch& s,
                   T* out) {
-  const int top = (int)p[TOP], left = (int)p[LEFT], h = (int)p[HEIGHT], w = (int)p[WIDTH];
+  const Box box = crop_box(p, H, W);  // clamped: memory-safe for any params
+  const int top = box.top, left = box.left, h = box.h, w = box.w;
   const bool flip = p[FLIP] > 0.5f, jitter = p[JITTER] > 0.5f;
   const float bright = jitter ? p[BRIGHT] : 1.f;
   int* x0 = s.x0.data();
@@ -189,6 +217,7 @@ at::Tensor augment_cpu(const at::Tensor& images, const at::Tensor& params, int64
                        at::ArrayRef<double> mean, at::ArrayRef<double> std, std::optional<at::ScalarType> dtype) {
   const Norm norm = check_inputs(images, params, size, blur_kernel, mean, std, dtype);
   TORCH_CHECK(images.device().is_cpu(), "medssl::augment (CPU kernel): images must be on the CPU");
+  check_params(params, images.size(2), images.size(3));
   const at::ScalarType out_type = dtype.value_or(at::kFloat);
   at::Tensor out = at::empty({params.size(0), images.size(0), images.size(1), size, size}, images.options().dtype(out_type));
   if (out_type == at::kBFloat16)

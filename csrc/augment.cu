@@ -38,7 +38,8 @@ __global__ void augment_kernel(const uint8_t* __restrict__ images, const float* 
   float* dst = work + (int64_t)m * C * SS;  // this view's float working copy
   float* mid = scratch + (int64_t)m * C * SS;
   T* res = out + (int64_t)m * C * SS;
-  const int top = (int)p[TOP], left = (int)p[LEFT], h = (int)p[HEIGHT], w = (int)p[WIDTH];
+  const Box box = crop_box(p, H, W);  // clamped: memory-safe for any params
+  const int top = box.top, left = box.left, h = box.h, w = box.w;
   const bool flip = p[FLIP] > 0.5f, jitter = p[JITTER] > 0.5f;
   const float bright = jitter ? p[BRIGHT] : 1.f;
 

@@ -23,6 +23,43 @@ struct Norm {  // normalize constants, passed by value to the kernels
 
 MEDSSL_HD float clamp01(float v) { return v < 0.f ? 0.f : (v > 1.f ? 1.f : v); }
 
+// Exponent bits not all ones: neither inf nor NaN. Read from the bits because augment.cpp is compiled with
+// -ffinite-math-only, under which std::isfinite may be folded to true.
+MEDSSL_HD bool finite_bits(float v) {
+#ifdef __CUDA_ARCH__
+  const unsigned u = __float_as_uint(v);
+#else
+  unsigned u;
+  __builtin_memcpy(&u, &v, sizeof u);
+#endif
+  return (u & 0x7f800000u) != 0x7f800000u;
+}
+
+// A params value as an index in [lo, hi] for ANY float: non-finite -> lo, then clamped in float (a float -> int
+// cast of 1e30 is undefined), then in int. Valid params pass unchanged; bad ones can never index out of bounds.
+MEDSSL_HD int clamp_index(float v, int lo, int hi) {
+  v = finite_bits(v) ? v : (float)lo;
+  v = v < (float)lo ? (float)lo : (v > (float)hi ? (float)hi : v);
+  const int i = (int)v;
+  return i < lo ? lo : (i > hi ? hi : i);
+}
+
+// The crop box of one view inside an H x W image: 1 <= h <= H, 1 <= w <= W, 0 <= top <= H - h, 0 <= left <= W - w.
+// Both kernels read pixels only through this box, so they are memory-safe whatever params hold (augment.py
+// check_params rejects invalid params with a message before they get here; this is the kernels' own guard).
+struct Box {
+  int top, left, h, w;
+};
+
+MEDSSL_HD Box crop_box(const float* p, int H, int W) {
+  Box b;
+  b.h = clamp_index(p[HEIGHT], 1, H);
+  b.w = clamp_index(p[WIDTH], 1, W);
+  b.top = clamp_index(p[TOP], 0, H - b.h);
+  b.left = clamp_index(p[LEFT], 0, W - b.w);
+  return b;
+}
+
 // Bilinear taps for output index d of a window [start, start+len) resized to `out` (align_corners=False, the
 // source coordinate clamped at 0 as torch's upsample does). Writes the two absolute indices and the weight of i1.
 MEDSSL_HD void resize_tap(int d, int start, int len, int out, int& i0, int& i1, float& w) {

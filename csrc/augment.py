@@ -21,6 +21,11 @@ Column  name       meaning (pixel units refer to the uint8 source image)
  13     SOLARIZE   1 = x <- 1 - x where x >= 0.5
 The pipeline is crop+resize (bilinear, torchvision's half-pixel convention) -> flip -> jitter -> grayscale
 -> blur -> solarize -> normalize ((x - mean[c]) / std[c]). Values are in [0, 1] until the normalize.
+
+Valid params (check_params; the C++ op checks CPU params by the same rules): every value finite; TOP, LEFT,
+HEIGHT, WIDTH integers with the box inside the image (1 <= HEIGHT <= H, 0 <= TOP <= H - HEIGHT, the same for
+LEFT/WIDTH and W); FLIP, JITTER, GRAY, BLUR, SOLARIZE 0 or 1; SIGMA > 0 where BLUR is 1. Whatever params hold,
+neither kernel reads outside its image: they clamp the box where they form indices (augment.h, crop_box).
 """
 import os
 import warnings
@@ -55,6 +60,36 @@ def check_inputs(images, params, size, mean, std, blur_kernel):
                          f"got size={size}, blur_kernel={blur_kernel}")
     if len(mean) != C or len(std) != C or any(s <= 0 for s in std):
         raise ValueError(f"augment: mean and std need {C} entries (one per channel) and std > 0, got {mean}, {std}")
+
+
+NAMES = ("TOP", "LEFT", "HEIGHT", "WIDTH", "FLIP", "JITTER", "BRIGHT", "CONTRAST", "SAT", "HUE", "GRAY", "BLUR",
+         "SIGMA", "SOLARIZE")
+
+
+def check_params(params, H, W):
+    """Raise ValueError naming the view, sample and field of the first params value that breaks a rule above.
+
+    One pass of vector compares; on a CUDA tensor it costs a host sync, so the training loop checks the params
+    on the CPU where they are drawn (common.sample_params) and the op's CUDA path relies on the kernel's clamp.
+    """
+    p = params.detach()
+    box = lambda col, lo, hi: (p[..., col] >= lo) & (p[..., col] <= hi)
+    flag = lambda col: (p[..., col] == 0) | (p[..., col] == 1)
+    rules = [(col, torch.isfinite(p[..., col]), "a finite number") for col in range(P)]
+    rules += [(col, p[..., col] == p[..., col].floor(), "an integer") for col in (TOP, LEFT, HEIGHT, WIDTH)]
+    rules += [(HEIGHT, box(HEIGHT, 1, H), "1 <= HEIGHT <= image height"),
+              (WIDTH, box(WIDTH, 1, W), "1 <= WIDTH <= image width"),
+              (TOP, (p[..., TOP] >= 0) & (p[..., TOP] + p[..., HEIGHT] <= H), "0 <= TOP and TOP + HEIGHT <= image height"),
+              (LEFT, (p[..., LEFT] >= 0) & (p[..., LEFT] + p[..., WIDTH] <= W), "0 <= LEFT and LEFT + WIDTH <= image width")]
+    rules += [(col, flag(col), "0 or 1") for col in (FLIP, JITTER, GRAY, BLUR, SOLARIZE)]
+    rules += [(SIGMA, (p[..., BLUR] == 0) | (p[..., SIGMA] > 0), "SIGMA > 0 where BLUR is 1")]
+    bad = torch.stack([~ok for _, ok, _ in rules])  # (rules, V, B)
+    if bad.any():
+        # report as the C++ op does: the first bad row (m = v * B + b), then the first rule it breaks
+        rows = bad.any(0).flatten().nonzero()[0].item()
+        v, b = divmod(rows, p.shape[1])
+        col, _, expected = rules[bad[:, v, b].nonzero()[0].item()]
+        raise ValueError(f"augment: params[{v}, {b}, {NAMES[col]}] = {p[v, b, col].item():g}: expected {expected}")
 
 
 def _gray(x):  # (M, 3, S, S) -> (M, 1, S, S)
@@ -105,6 +140,7 @@ def augment_reference(images, params, size, mean, std, blur_kernel=None):
     """
     blur_kernel = blur_kernel_size(size) if blur_kernel is None else blur_kernel
     check_inputs(images, params, size, mean, std, blur_kernel)
+    check_params(params, *images.shape[2:])  # else the gathers below index outside the image
     V, B, _ = params.shape
     C = images.shape[1]
     p = params.reshape(V * B, P)
@@ -219,6 +255,8 @@ def augment(images, params, size, mean, std, blur_kernel=None, dtype=torch.float
                 _warned = True
         else:
             check_inputs(images, params, size, mean, std, blur_kernel)
+            if params.device.type == "cpu":  # free here; CUDA params were checked where they were drawn
+                check_params(params, *images.shape[2:])
             return op(images.contiguous(), params.contiguous(), size, blur_kernel,
                       [float(m) for m in mean], [float(s) for s in std], dtype)
     return augment_reference(images, params, size, mean, std, blur_kernel).to(dtype)

@@ -157,6 +157,12 @@ def test_reproduce_in_two_parts_then_skips_done_runs(tmp_path):
     assert rec["status"] == "ok" and rec["curves"]["epoch"] == [1] and rec["results"]["finetune"]["epochs"] == 1
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert r.returncode == 0 and "[skip] simclr-pneumonia-28-s0" in r.stdout and "[skip] random-pneumonia-28-s0" in r.stdout
+    # another setting is another run (its own folder), never the finished one under a new label
+    r = subprocess.run(cmd + ["--epochs", "2", "--baselines", "random"], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=900)
+    assert r.returncode == 0 and "[run ] simclr-pneumonia-28-s0" in r.stdout and "[skip] random" in r.stdout
+    assert json.loads((out / "runs" / "cpu-simclr-pneumonia-28-s0.json").read_text())["curves"]["epoch"] == [1, 2]
+    assert len(list((tmp_path / "runs").glob("simclr-pneumonia-28-s0-*"))) == 2
     bad = subprocess.run(cmd + ["--part", "3/2"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert bad.returncode != 0 and "--part 3/2: expected I/N" in bad.stderr
 

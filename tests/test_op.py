@@ -1,4 +1,8 @@
 """The compiled op (csrc/augment.cpp, .cu) against augment_reference, opcheck, bad arguments, and the fallback."""
+import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -147,3 +151,74 @@ def test_dispatch_uses_op_and_falls_back_with_one_warning(op, monkeypatch):
     monkeypatch.setenv("MEDSSL_REQUIRE_OP", "1")
     with pytest.raises(RuntimeError, match="simulated"):
         aug.augment(*args)
+
+
+# ------------------------------------------------------------------------------------------------ invalid params
+# One crafted params value per validity rule (csrc/augment.py, "Valid params"): (field, value, extra fields).
+# On a 28 px image with every step off, image 0 all black and image 1 all white, so a view of image 0 that reads
+# anything of image 1 (out-of-bounds memory) shows white pixels.
+BAD_PARAMS = [("HEIGHT", float("inf"), {}), ("HEIGHT", 1e6, {}), ("HEIGHT", float("nan"), {}), ("HEIGHT", -5, {}),
+              ("HEIGHT", 0, {}), ("WIDTH", 2.5, {}), ("WIDTH", 29, {}), ("TOP", 20, {}), ("TOP", -100000, {}),
+              ("LEFT", -1, {"WIDTH": 10}), ("LEFT", 1e30, {}), ("FLIP", 0.5, {}), ("BLUR", 2, {}), ("GRAY", float("nan"), {}),
+              ("SOLARIZE", -1, {}), ("SIGMA", 0, {"BLUR": 1}), ("SIGMA", float("nan"), {"BLUR": 1}),
+              ("BRIGHT", float("inf"), {"JITTER": 1})]
+SAFETY_SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from csrc import augment as aug
+device, cases = sys.argv[2], json.loads(sys.argv[3])
+op = aug.load_op()
+images = torch.stack([torch.zeros(1, 28, 28), torch.full((1, 28, 28), 255.0)]).to(torch.uint8)
+out = []
+for field, value, extra in cases:
+    p = torch.zeros(1, 2, aug.P)
+    p[..., aug.HEIGHT] = p[..., aug.WIDTH] = 28
+    p[..., aug.BRIGHT] = p[..., aug.CONTRAST] = p[..., aug.SAT] = p[..., aug.SIGMA] = 1.0
+    for f, v in {**extra, field: value}.items():
+        p[0, 0, aug.NAMES.index(f)] = v
+    res = {}
+    for name, call in (("reference", lambda: aug.augment_reference(images, p, 28, [0.0], [1.0])),
+                       ("wrapper", lambda: aug.augment(images, p, 28, [0.0], [1.0])),
+                       ("op", lambda: op(images.to(device), p.to(device), 28, 3, [0.0], [1.0]))):
+        try:
+            y = call()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            # values of view 0 of the black image: > 0.5 can only come from the white image's memory
+            res[name] = "returned, max %g" % y[0, 0].float().nan_to_num(0.0).max().item()
+        except (ValueError, RuntimeError) as e:
+            res[name] = "raised: " + str(e).splitlines()[0]
+    out.append(res)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def run_safety(device, cases):
+    r = subprocess.run([sys.executable, "-c", SAFETY_SCRIPT, os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        device, json.dumps(cases)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"the op crashed (rc {r.returncode}):\n{r.stderr[-3000:]}"  # e.g. -11: SIGSEGV
+    return json.loads(r.stdout.split("RESULT ", 1)[1])
+
+
+def test_invalid_params_raise_naming_view_sample_and_field(op):
+    """Each rule, in a subprocess (a crash fails this test instead of killing pytest): the reference, the wrapper
+    and the CPU op raise with the field, view 0 and sample 0 named."""
+    for (field, value, _), res in zip(BAD_PARAMS, run_safety("cpu", BAD_PARAMS)):
+        for name in ("reference", "wrapper", "op"):
+            assert res[name].startswith("raised: augment: params[0, 0, " + field + "]"), (field, value, name, res)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernel_is_memory_safe_for_any_params(op):
+    """CUDA params are not read back (no sync): the kernel must clamp the box and never read the next image."""
+    for (field, value, _), res in zip(BAD_PARAMS, run_safety("cuda", BAD_PARAMS)):
+        if field in ("TOP", "LEFT", "HEIGHT", "WIDTH"):
+            assert res["op"] == "returned, max 0", (field, value, res)
+
+
+def test_valid_params_pass_and_sample_params_checks_its_output():
+    g = torch.Generator().manual_seed(0)
+    for H, W in ((28, 28), (5, 64), (64, 3)):
+        aug.check_params(common.sample_params(64, H, W, 3, g, views=VIEWS), H, W)  # no error
+    with pytest.raises(ValueError, match=r"params\[0, 0, BRIGHT\] = nan: expected a finite number"):
+        common.sample_params(4, 28, 28, 1, g, views=VIEWS, strength=(float("nan"), 0.4, 0.4, 0.1))

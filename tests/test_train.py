@@ -89,23 +89,34 @@ def test_kill_and_resume_matches_uninterrupted(script, tiny_dir, tmp_path):
     assert steps(part) == steps(full) == list(range(9))  # no duplicated or missing steps in the resumed log
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dir, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    import simclr
+    calls = []
+
+    def loss_fn(z1, z2, temperature):  # the real loss for two epochs (3 steps each), then NaN
+        calls.append(1)
+        return simclr_loss(z1, z2, temperature) * (float("nan") if len(calls) > 6 else 1.0)
+    simclr_loss = simclr.loss_fn
+    monkeypatch.setattr(simclr, "loss_fn", loss_fn)
     out = tmp_path / "nan"
-    run("simclr.py", tiny_dir, out, "--epochs", "2")
-    good = torch.load(out / "checkpoint.pt", weights_only=True)
-    r = run("simclr.py", tiny_dir, out, "--epochs", "3", "--resume", "--temperature", "0", check=False)
-    assert r.returncode != 0
-    assert "loss is nan" in r.stderr + r.stdout and "last good checkpoint (epoch 2)" in r.stderr + r.stdout
+    args = simclr.Args(data="pneumonia", data_dir=str(tiny_dir), batch_size=16, epochs=3, eval_every=5,
+                       proj_hidden=64, out=str(out))
+    with pytest.raises(SystemExit, match=r"loss is nan at epoch 3 step 1; stopped, the last good checkpoint "
+                                         r"\(epoch 2\) is"):
+        simclr.main(args)
     kept = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert kept["epoch"] == 2 and all(torch.equal(good["model"][k], kept["model"][k]) for k in good["model"])
+    assert kept["epoch"] == 2 and not (out / "results.json").exists()
 
 
 def test_evaluate_script_checkpoint_and_random(tiny_dir, tmp_path):
     out = tmp_path / "run"
     run("simclr.py", tiny_dir, out, "--epochs", "1")
-    env = dict(os.environ, MEDSSL_DATA_DIR=str(tiny_dir))
-    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(out / "checkpoint.pt")],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    moved = tmp_path / "moved"  # the data moved after training: --data-dir must win over the checkpoint's
+    moved.mkdir()
+    os.rename(tiny_dir / "pneumoniamnist.npz", moved / "pneumoniamnist.npz")
+    env = dict(os.environ, MEDSSL_DATA_DIR=str(moved))
+    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(out / "checkpoint.pt"), "--data-dir",
+                        str(moved)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "linear" in r.stdout and json.loads((out / "eval.json").read_text())["method"] == "simclr"
     rnd = tmp_path / "random.json"

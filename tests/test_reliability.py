@@ -1,0 +1,281 @@
+"""Careless use must end in a clear message or the documented behaviour, and nothing may be lost or mixed: argument
+checks, run folders (rerun, --overwrite, --resume with another config, stale temp files, interrupts, full disk),
+data (caches that notice their source changed, labels, 16-bit images, .npz paths) and file modes."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from conftest import ROOT, make_arrays
+from test_train import command, run
+
+METHOD_FILES = ("simclr", "dclw", "byol", "simsiam", "barlow", "vicreg")
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    np.savez(tmp_path / "pneumoniamnist.npz", **make_arrays(n=(48, 16, 16)))
+    return tmp_path
+
+
+def wait_for_step(log, since=0.0, timeout=300):
+    """Block until metrics.jsonl, written after `since`, has a train row (the run is past its setup)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists() and log.stat().st_mtime > since and '"step"' in log.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no training step logged in {log}")
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+@pytest.mark.parametrize("method", METHOD_FILES)
+def test_every_args_field_has_a_rule_and_the_defaults_pass(method):
+    args_cls = __import__(method).Args
+    missing = [f.name for f in dataclasses.fields(args_cls) if f.name not in common.RULES]
+    assert not missing, f"{method}.Args fields without a common.RULES entry: {missing}"
+    assert common.check_args(args_cls()) == []
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--eval-every", "0"], "--eval-every 0: expected >= 1"),
+    (["--temperature", "-1"], "--temperature -1.0: expected > 0"),
+    (["--temperature", "nan"], "--temperature nan: expected > 0"),
+    (["--epochs", "-1"], "--epochs -1: expected >= 1"),
+    (["--epochs", "0"], "--epochs 0: expected >= 1"),
+    (["--lr", "-1"], "--lr -1.0: expected > 0"),
+    (["--batch-size", "1"], "--batch-size 1: expected >= 2"),
+    (["--arch", "vgg"], "--arch 'vgg': expected resnet18 or resnet50"),
+    (["--jitter", "2"], "--jitter 2.0: expected -1 (by size) or 0..1"),
+    (["--blur", "3"], "--blur 3: expected -1 (by size), 0 or 1"),
+    (["--min-scale", "1.5"], "--min-scale 1.5: expected 0 (by size) or a fraction in (0, 1]"),
+    (["--resume", "--overwrite"], "--resume and --overwrite: pick one"),
+])
+def test_bad_arguments_are_refused_before_any_work(argv, message, capsys):
+    import simclr
+    with pytest.raises(SystemExit) as e:
+        common.parse_args(simclr.Args, argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_all_bad_fields_are_reported_at_once_and_out_may_not_be_a_file(tmp_path, capsys):
+    import byol
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(SystemExit):
+        common.parse_args(byol.Args, ["--ema-decay", "1.5", "--proj-dim", "0", "--out", str(f)])
+    err = capsys.readouterr().err
+    assert "--ema-decay 1.5: expected 0..1" in err and "--proj-dim 0: expected >= 1" in err
+    assert f"--out {str(f)!r}: is a file, expected a run folder" in err
+
+
+# ------------------------------------------------------------------------------------------------ run folders
+def test_second_run_into_a_finished_folder_is_refused_then_overwritten(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    run("simclr.py", tiny_dir, out, "--epochs", "1")
+    before = {f: (out / f).read_bytes() for f in ("checkpoint.pt", "metrics.jsonl", "results.json")}
+    r = run("simclr.py", tiny_dir, out, "--epochs", "1", "--lr", "0.1", check=False)
+    assert r.returncode != 0 and f"{out} already holds a run (checkpoint.pt, metrics.jsonl, results.json)" in r.stderr
+    assert "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert all((out / f).read_bytes() == b for f, b in before.items())  # nothing touched
+    run("simclr.py", tiny_dir, out, "--epochs", "1", "--lr", "0.1", "--overwrite")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["args"]["lr"] == 0.1
+    assert json.loads((out / "results.json").read_text())["epochs"] == 1
+
+
+def test_prepare_run_removes_only_its_own_stale_temp_files(tmp_path):
+    import simclr
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / "checkpoint.pt.k3j_x.tmp", out / "results.json.abc.tmp"]
+    for f in stale + [out / "notes.tmp"]:
+        f.write_bytes(b"x" * 100)
+    common.prepare_run(simclr.Args(out=str(out), resume=True), "simclr")
+    assert sorted(os.listdir(out)) == ["notes.tmp"]
+
+
+def test_resume_refuses_another_configuration_but_accepts_the_same_data_by_another_name(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    run("simclr.py", tiny_dir, out, "--epochs", "1")
+    r = run("simclr.py", tiny_dir, out, "--epochs", "1", "--resume", "--lr", "0.01", "--seed", "5", check=False)
+    assert r.returncode != 0 and "was made with another configuration" in r.stderr
+    assert "lr: 0.4 in the checkpoint, 0.01 now" in r.stderr and "seed: 0 in the checkpoint, 5 now" in r.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    np.savez(other / "breastmnist.npz", **make_arrays(n=(48, 16, 16), seed=9))
+    r = run("simclr.py", other, out, "--epochs", "1", "--resume", "--data", "breast", check=False)
+    assert r.returncode != 0 and "data: 'pneumonia' (content" in r.stderr
+    # the same arrays as a path: resumes (nothing left to train: re-evaluates); eval frequency may differ
+    r = run("simclr.py", tiny_dir, out, "--epochs", "1", "--resume", "--data",
+            str(tiny_dir / "pneumoniamnist.npz"), "--eval-every", "3")
+    assert "resumed from" in r.stdout
+
+
+def test_a_torch_file_that_is_not_a_medssl_checkpoint_is_named(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"state_dict": {}}, out / "checkpoint.pt")
+    r = run("simclr.py", tiny_dir, out, "--resume", check=False)
+    assert r.returncode != 0 and "checkpoint.pt is not a medssl checkpoint (missing keys ['method', 'args'" in r.stderr
+
+
+def test_ctrl_c_and_sigterm_end_with_one_line_and_resume_finishes(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        t0 = time.time()
+        p = subprocess.Popen(command("simclr.py", tiny_dir, out, "--epochs", "3", "--resume"), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for_step(out / "metrics.jsonl", since=t0)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+        assert "simclr: interrupted at epoch " in err and "rerun with --resume to continue" in err
+    run("simclr.py", tiny_dir, out, "--epochs", "3", "--resume", "--eval-every", "3")  # finishes the run
+    assert json.loads((out / "results.json").read_text())["epochs"] == 3
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"epoch": 1, "w": torch.ones(10)}, path)
+    good = path.read_bytes()
+    script = ("import resource, sys, torch; sys.path.insert(0, sys.argv[1]); import common; "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+              "common.atomic_write(sys.argv[2], lambda tmp: torch.save({'epoch': 2, 'w': torch.ones(100000)}, tmp))")
+    r = subprocess.run([sys.executable, "-c", script, ROOT, str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and f"no space left on device (or over the file-size limit) while writing {path}" in r.stderr
+    assert "the previous checkpoint.pt is intact" in r.stderr
+    assert path.read_bytes() == good and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path):
+    old = os.umask(0o022)
+    try:
+        common.atomic_write(str(tmp_path / "a.pt"), lambda tmp: torch.save({"x": 1}, tmp))
+        common.write_json(str(tmp_path / "b.json"), {})
+    finally:
+        os.umask(old)
+    assert all((tmp_path / f).stat().st_mode & 0o777 == 0o644 for f in ("a.pt", "b.json"))
+
+
+# ------------------------------------------------------------------------------------------------ reproduce
+def test_sigterm_to_reproduce_stops_its_child_and_says_how_to_resume(tiny_dir, tmp_path):
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "reproduce.py", "--preset", "cpu", "--data", "pneumonia", "--methods", "simclr",
+           "--baselines", "--epochs", "50", "--data-dir", str(tiny_dir), "--runs", str(runs), "--out",
+           str(tmp_path / "results")]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(runs.glob("*/metrics.jsonl")):
+        time.sleep(0.1)
+    wait_for_step(next(runs.glob("*/metrics.jsonl")))
+    p.send_signal(signal.SIGTERM)
+    stdout, _ = p.communicate(timeout=120)
+    assert p.returncode == 130 and "interrupted; stopped simclr-pneumonia-28-s0" in stdout, stdout[-2000:]
+    assert "Rerun the same command to resume" in stdout
+    time.sleep(0.5)
+    alive = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(runs).encode() in f.read():
+                    alive.append(pid)
+        except OSError:
+            pass
+    assert not alive, f"children still running: {alive}"
+    log = next(runs.glob("*/log.txt")).read_text()
+    assert "simclr: interrupted at epoch" in log
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _png_folder(root, classes, n, size=12, seed=0):
+    rng = np.random.default_rng(seed)
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 50, (size, size), dtype=np.uint8) + 60 * k).save(root / c / f"{i}.png")
+
+
+def test_folder_cache_is_keyed_by_path_and_content(tmp_path):
+    cache = tmp_path / "cache"
+    a, b = tmp_path / "site1" / "ds", tmp_path / "site2" / "ds"
+    _png_folder(a, ["x", "y"], 10)
+    _png_folder(b, ["x", "y", "z"], 10, seed=1)
+    first = common.load_dataset(str(a), 16, str(cache))
+    second = common.load_dataset(str(b), 16, str(cache))  # same base name, another folder
+    assert first["n_classes"] == 2 and second["n_classes"] == 3 and len(os.listdir(cache)) == 2
+    _png_folder(a, ["y", "w"], 20, seed=2)  # 20 more images in y (10 new names), and a class more
+    grown = common.load_dataset(str(a), 16, str(cache))
+    assert grown["n_classes"] == 3 and sum(len(grown[s][1]) for s in common.SPLITS) == 50
+    for f in (a / "w").iterdir():  # delete that class again
+        f.unlink()
+    (a / "w").rmdir()
+    back = common.load_dataset(str(a), 16, str(cache))
+    assert back["n_classes"] == 2 and sum(len(back[s][1]) for s in common.SPLITS) == 30
+
+
+def test_folder_decoding_shows_progress(tmp_path, capsys):
+    _png_folder(tmp_path / "ds", ["a", "b"], 5)
+    common.load_dataset(str(tmp_path / "ds"), 16, str(tmp_path / "c"))
+    err = capsys.readouterr().err
+    assert "decoding ds at 16 px" in err and "10/10" in err
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    root = tmp_path / "xr"
+    for k, c in enumerate(("normal", "sick")):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            a = np.linspace(0, 63840, 16 * 16).reshape(16, 16).astype(np.uint16) // (k + 1)
+            Image.fromarray(a).save(root / c / f"{i}.png")  # PIL writes a 16-bit PNG (mode I;16)
+    assert Image.open(root / "normal" / "0.png").mode.startswith("I;16")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ds = common.load_dataset(str(root), 16, str(tmp_path / "c"))
+    assert any("scaled to 8 bits by their bit depth" in str(x.message) for x in w)
+    x = torch.cat([ds[s][0][ds[s][1] == 0] for s in common.SPLITS]).float()
+    assert (x == 255).float().mean() < 0.05 and abs(x.max().item() - 63840 / 257) <= 1.5  # not 99% white
+
+
+@pytest.mark.parametrize("labels,message", [
+    ({"train": [0, 1, 2 ** 40]}, "train_labels must be 0..K-1 with every class present; found 3 distinct labels up "
+                                 "to 1099511627776, missing e.g. [2, 3]"),
+    ({"train": [0, 0, 2]}, "missing e.g. [1]"),
+    ({"train": [3, 3, 3]}, "train_labels has 1 class ([3]); need at least two"),
+    ({"test": [0, 5, 1]}, "test_labels has label 5 out of range: train has labels 0..1"),
+])
+def test_labels_must_be_0_to_k_minus_1_with_two_classes_or_more(tmp_path, labels, message):
+    arrays = make_arrays(n=(3, 3, 3))
+    for split, y in labels.items():
+        arrays[f"{split}_labels"] = np.asarray(y, dtype=np.int64)[:, None]
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError) as e:
+        common.load_dataset(str(tmp_path / "bad.npz"))
+    assert message in str(e.value)
+
+
+def test_data_may_be_an_npz_path_validated_like_the_official_files(tmp_path):
+    np.savez(tmp_path / "mine.npz", **make_arrays(n=(20, 6, 6)))
+    ds = common.load_dataset(str(tmp_path / "mine.npz"), 28, str(tmp_path / "unused"))
+    assert ds["name"] == "mine" and len(ds["train"][1]) == 20 and ds["n_classes"] == 2
+    again = common.load_dataset(str(tmp_path / "mine.npz"), 28)
+    assert again["id"] == ds["id"]  # the content identity a resume compares
+    with pytest.raises(FileNotFoundError, match="no such .npz file"):
+        common.load_dataset(str(tmp_path / "missing.npz"))
+    arrays = make_arrays(n=(20, 6, 6))
+    del arrays["val_labels"]
+    np.savez(tmp_path / "broken.npz", **arrays)
+    with pytest.raises(KeyError, match="missing key 'val_labels'"):
+        common.load_dataset(str(tmp_path / "broken.npz"))
+    with mock.patch.object(common, "find_medmnist", side_effect=AssertionError("looked up as a flag")):
+        common.load_dataset(str(tmp_path / "mine.npz"))
