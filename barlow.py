@@ -47,6 +47,7 @@ class Args:
     out: str = ""  # run folder; default runs/<method>-<data>-<size>-s<seed>
     resume: bool = False  # continue from <out>/checkpoint.pt
     overwrite: bool = False  # replace the run already in --out instead of refusing to touch it
+    compile: str = "none"  # torch.compile the backbone: none, default or reduce-overhead (CUDA graphs); bench.py
     # Barlow Twins
     lambd: float = 5.1e-3  # lambda, weight of the off-diagonal (redundancy) term (the paper's)
     scale_loss: float = 0.1  # the loss is multiplied by this (solo-learn's CIFAR recipe; the paper's code: 1/32)
@@ -86,7 +87,7 @@ def loss_fn(z1, z2, lambd):
 
 # ------------------------------------------------------------------------------------------------ 3. setup
 def main(args):
-    device = common.get_device()
+    rank, world, device = common.init_distributed()  # torchrun: this process's rank and GPU (alone: 0, 1)
     out, ckpt_path, log_path = common.prepare_run(args, METHOD)  # refuses a folder that holds another run
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)  # CPU stream for batch order and augmentation params
@@ -99,12 +100,16 @@ def main(args):
     mean, std = common.channel_stats(images)
     B = min(args.batch_size, N)
     steps = N // B  # drop the ragged last batch: BN and the loss want full batches
+    mine = common.rank_slice(B)  # torchrun: this rank's rows of every global batch of B (alone: all of them)
     view_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 views feed bf16 autocast
     aug = common.augmentation(args.size, VIEWS, args.min_scale, args.jitter, args.blur)  # crop, jitter, blur
 
     backbone, dim = common.make_backbone(args.arch, C, args.size)
     projector = Projector(dim, args.proj_dim)
     model = nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)
+    model = common.distribute(model)  # torchrun on GPUs: batch norm over the global batch (SyncBatchNorm)
+    if args.compile != "none":  # compiled once, then reused; pays off on a GPU (README, Speed)
+        backbone.compile(mode=args.compile)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = common.LARS(model.parameters(), lr=args.lr * B / 256, weight_decay=args.weight_decay)
@@ -114,14 +119,14 @@ def main(args):
     start = common.restore_state(ckpt_path, args, METHOD, ds["id"], model, optimizer, scheduler, gen, log_path)
 
     # -------------------------------------------------------------------------------------------- 4. training loop
-    bar = tqdm(total=args.epochs * steps, initial=start * steps, desc=METHOD, unit="step")
+    bar = tqdm(total=args.epochs * steps, initial=start * steps, desc=METHOD, unit="step", disable=rank > 0)
     for epoch in range(start, args.epochs):
         model.train()
         perm = torch.randperm(N, generator=gen).to(device)
         for step in range(steps):
             t0 = time.perf_counter()
-            idx = perm[step * B:(step + 1) * B]
-            params = common.sample_params(len(idx), H, W, C, gen, **aug).to(device, non_blocking=True)
+            idx = perm[step * B:(step + 1) * B][mine]  # every rank draws the same global batch, keeps its rows
+            params = common.sample_params(B, H, W, C, gen, **aug)[:, mine].to(device, non_blocking=True)
             x1, x2 = common.augment(images[idx], params, args.size, mean, std, dtype=view_dtype)  # (B, C, S, S) each
             x = torch.cat([x1, x2])  # both views through the backbone in one call: (2B, C, S, S)
             if device.type == "cuda":
@@ -129,11 +134,12 @@ def main(args):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 h = backbone(x)  # (2B, dim) representation
                 z = projector(h)  # (2B, proj_dim) projection
-            z1, z2 = z.float().chunk(2)
+            z1, z2 = (common.gather(t) for t in z.float().chunk(2))  # torchrun: all B rows of every rank
             loss = args.scale_loss * loss_fn(z1, z2, args.lambd)  # symmetric: c for (x2, x1) is c transposed
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            common.average_gradients(model)  # torchrun: the mean gradient over ranks, as DDP
             optimizer.step()
             scheduler.step()
 
@@ -144,14 +150,14 @@ def main(args):
                                  f"{kept}. Try a lower --lr.")
             # collapse monitor: std over the batch of the unit-norm projection, ~1/sqrt(d) when healthy, 0 if collapsed
             z_std = F.normalize(z.detach().float(), dim=1).std(0).mean().item()
-            img_per_s = len(idx) / (time.perf_counter() - t0)
+            img_per_s = B / (time.perf_counter() - t0)  # images of the global batch per second
             common.log_jsonl(log_path, {"epoch": epoch, "step": epoch * steps + step, "train/loss": loss_value,
                                         "train/lr": scheduler.get_last_lr()[0], "train/img_per_s": img_per_s,
                                         "train/z_std": z_std})
             bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{img_per_s:.0f}", epoch=epoch + 1)
             bar.update()
 
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+        if rank == 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):  # monitor: once
             knn = evaluate.knn_eval(backbone, ds, mean, std)
             common.log_jsonl(log_path, {"epoch": epoch, "val/knn_acc": knn["acc"], "val/knn_auc": knn["auc"]})
             bar.write(f"epoch {epoch + 1}: val kNN acc {knn['acc']:.4f} auc {knn['auc']:.4f}")
@@ -159,6 +165,8 @@ def main(args):
     bar.close()
 
     # -------------------------------------------------------------------------------------------- 5. evaluation
+    if rank > 0:  # torchrun: rank 0 alone evaluates and writes the results
+        return None
     results = {"method": METHOD, "data": args.data, "size": args.size, "epochs": args.epochs,
                **evaluate.evaluate(backbone, ds, mean, std, seed=args.seed, finetune_epochs=args.finetune_epochs)}
     evaluate.print_table({f"{METHOD} ({ds['name']}, {args.size}px)": results})

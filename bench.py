@@ -8,6 +8,11 @@ Augmentation contenders, each producing two normalized float32 views of every im
   reference  csrc.augment.augment_reference, batched PyTorch ops
   tv-loop    torchvision.transforms.v2 applied per image in a Python loop (what a DataLoader worker does)
 GB/s counts the uint8 input read once plus the float32 views written, against a plain tensor copy measured here.
+End to end (--e2e): SimCLR training images/s on PneumoniaMNIST-28 and BreastMNIST-64, medssl's loop (data on the
+device, the op, bf16 + channels_last on CUDA; optionally the backbone torch.compile'd) against the conventional
+pipeline (Dataset + torchvision.transforms.v2 per image in DataLoader workers, pinned memory, non-blocking copies),
+same model, loss, LARS and batch; with each step's FLOPs (torch.utils.flop_counter) and the achieved FLOP/s
+against a dense matmul measured in the same run.
 Results are printed as a table and written to bench.json with the device, threads and torch version.
 """
 import argparse
@@ -17,6 +22,7 @@ import statistics
 import time
 
 import torch
+import torch.utils.flop_counter
 import torchvision.transforms.v2 as T
 
 import common
@@ -48,16 +54,25 @@ def copy_bandwidth(device, mb=256):
     return 2 * src.numel() * 4 / t / 1e9
 
 
-def torchvision_pipeline(size, C, mean, std):
-    """The SimCLR recipe with torchvision's per-image transforms (uint8 tensor in, normalized float out)."""
-    jitter = T.ColorJitter(0.4, 0.4, 0.4, 0.1) if C == 3 else T.ColorJitter(0.4, 0.4)
-    steps = [T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip(),
+def torchvision_pipeline(size, C, mean, std, scale=(0.08, 1.0), strength=0.4, blur=True):
+    """The SimCLR recipe with torchvision's per-image transforms (uint8 tensor in, normalized float out); defaults:
+    the paper's ImageNet recipe; recipe_pipeline gives medssl's recipe for a size."""
+    s = strength
+    jitter = T.ColorJitter(s, s, s, s / 4) if C == 3 else T.ColorJitter(s, s)
+    steps = [T.RandomResizedCrop(size, scale=scale, antialias=True), T.RandomHorizontalFlip(),
              T.RandomApply([jitter], p=0.8)]
     if C == 3:
         steps.append(T.RandomGrayscale(p=0.2))
-    steps += [T.RandomApply([T.GaussianBlur(blur_kernel_size(size), (0.1, 2.0))], p=0.5),
-              T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+    if blur:
+        steps.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(size), (0.1, 2.0))], p=0.5))
+    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
     return T.Compose(steps)
+
+
+def recipe_pipeline(size, C, mean, std):
+    """torchvision's version of what the method files draw for this size (common.AUGMENT)."""
+    a = common.AUGMENT["small" if size <= 64 else "large"]
+    return torchvision_pipeline(size, C, mean, std, (a["min_scale"], 1.0), a["jitter"], bool(a["blur"]))
 
 
 def bench_augment(device, sizes, channels, B, repeats, contenders):
@@ -124,6 +139,121 @@ def bench_step(device, size, B, repeats):
             "augment_s": t_aug, "augment_share": t_aug / t_step}
 
 
+# ------------------------------------------------------------------------------------------------ end to end
+class TwoViews(torch.utils.data.Dataset):
+    """The conventional pipeline's Dataset: the same uint8 arrays, two torchvision views per image."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.transform(self.images[i])
+
+
+def simclr_step(device, C, size, compile_mode="none"):
+    """SimCLR's training step as in simclr.py (ResNet-18, projector 2048 -> 256, LARS, bf16 autocast and
+    channels_last on CUDA): returns step(x1, x2) -> loss. compile_mode: none, or a torch.compile mode for the
+    backbone (default, reduce-overhead = CUDA graphs, max-autotune)."""
+    backbone, dim = common.make_backbone("resnet18", C, size)
+    projector = simclr.Projector(dim, 2048, 256)
+    model = torch.nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if compile_mode != "none":
+        backbone.compile(mode=compile_mode)
+    opt = common.LARS(model.parameters(), lr=0.1, weight_decay=1e-5)
+
+    def step(x1, x2):
+        x = torch.cat([x1, x2])
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            z = projector(backbone(x))
+        loss = simclr.loss_fn(*z.float().chunk(2), 0.2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def matmul_tflops(device):
+    """Measured dense matmul throughput (bf16 on CUDA, float32 on the CPU): the 'peak' a step's FLOP/s is put
+    against, measured here rather than taken from a data sheet."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / timeit(lambda: a @ b, device, repeats=5) / 1e12
+
+
+def bench_end_to_end(device, name, images, B, steps, workers, compile_modes):
+    """images/s of SimCLR training, medssl's loop vs the conventional DataLoader pipeline, same model and batch."""
+    N, C, _, size = images.shape
+    B = min(B, N)
+    mean, std = common.channel_stats(images)
+    rows = []
+    # medssl: the whole uint8 set on the device, index slices, params drawn on the CPU, the fused op
+    on_device = images.to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    aug = common.augmentation(size, simclr.VIEWS)
+    gen = torch.Generator().manual_seed(0)
+    for mode in compile_modes:
+        step = simclr_step(device, C, size, mode)
+        perm = torch.randperm(N, generator=gen).to(device)
+
+        def medssl_step(i):
+            idx = perm[(i * B) % (N - B + 1):][:B]
+            params = common.sample_params(B, size, size, C, gen, **aug).to(device, non_blocking=True)
+            return step(*common.augment(on_device[idx], params, size, mean, std, dtype=dtype))
+        t0 = time.perf_counter()
+        medssl_step(0)  # warm-up (and compilation)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        t = timeit(lambda: [medssl_step(i) for i in range(steps)], device, repeats=1, warmup=1) / steps
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as fc:
+            medssl_step(0)
+        rows.append({"device": device.type, "data": name, "size": size, "batch": B, "pipeline": "medssl",
+                     "compile": mode, "workers": 0, "step_s": t, "images_per_s": B / t, "epoch_s": N // B * t,
+                     "first_step_s": first, "step_TFLOP": fc.get_total_flops() / 1e12})
+    # conventional: Dataset + torchvision v2 per image in DataLoader workers, pinned memory, non-blocking copies
+    step = simclr_step(device, C, size)
+    for w in workers:
+        loader = torch.utils.data.DataLoader(
+            TwoViews(images, recipe_pipeline(size, C, mean, std)), batch_size=B, shuffle=True, drop_last=True,
+            num_workers=w, pin_memory=device.type == "cuda", persistent_workers=w > 0,
+            prefetch_factor=4 if w else None)
+
+        def batches():
+            while True:
+                yield from loader
+        it = batches()
+
+        def loader_step():
+            x1, x2 = next(it)
+            return step(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True))
+        t = timeit(lambda: [loader_step() for _ in range(steps)], device, repeats=1, warmup=1) / steps
+        rows.append({"device": device.type, "data": name, "size": size, "batch": B, "pipeline": "dataloader",
+                     "compile": "none", "workers": w, "step_s": t, "images_per_s": B / t, "epoch_s": N // B * t})
+        del it, loader
+    best = rows[0]["images_per_s"]
+    for r in rows:
+        r["medssl_speedup"] = best / r["images_per_s"]
+    return rows
+
+
+def e2e_data(spec, data_dir):
+    """PneumoniaMNIST-28 / BreastMNIST-64 train images from data_dir, else random images of the same shape."""
+    flag, size, n = {"pneumonia": ("pneumoniamnist", 28, 4708), "breast64": ("breastmnist", 64, 546)}[spec]
+    try:
+        return common.load_dataset(flag, size, data_dir)["train"][0], f"{flag}-{size}"
+    except (OSError, ValueError):
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8), f"random-{size} (n={n})"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[28, 64, 224])
@@ -133,12 +263,21 @@ def main():
     ap.add_argument("--step-size", type=int, default=None, help="image side for the SimCLR step (default: 28 CPU, 64 CUDA)")
     ap.add_argument("--step-batch", type=int, default=256)
     ap.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    ap.add_argument("--e2e", nargs="*", default=["pneumonia", "breast64"], choices=["pneumonia", "breast64"],
+                    help="end-to-end comparison on these datasets (none: skip)")
+    ap.add_argument("--e2e-batch", type=int, default=None, help="images per step (default: 256 CUDA, 64 CPU)")
+    ap.add_argument("--e2e-steps", type=int, default=None, help="timed steps per pipeline (default: 20 CUDA, 3 CPU)")
+    ap.add_argument("--workers", type=int, nargs="+", default=None,
+                    help="DataLoader worker counts to compare (default: every CPU core; on CUDA also 4 and 8)")
+    ap.add_argument("--compile", nargs="+", default=None, help="medssl step variants: none and torch.compile modes "
+                    "of the backbone, e.g. default reduce-overhead (default: none on the CPU; all three on CUDA)")
+    ap.add_argument("--data-dir", default=None, help="where the npz files are (default: $MEDSSL_DATA_DIR or ./data)")
     ap.add_argument("--out", default="bench.json")
     a = ap.parse_args()
     os.environ["MEDSSL_REQUIRE_OP"] = "1"  # a benchmark of the fallback would be a lie: fail instead
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine(), "cuda_device": None, "augment": [], "step": [],
-              "copy_GB_per_s": {}}
+              "copy_GB_per_s": {}, "e2e": [], "matmul_TFLOPs": {}}
     for dev in a.devices:
         device = torch.device(dev)
         if dev == "cuda":
@@ -148,6 +287,15 @@ def main():
         report["augment"] += bench_augment(device, a.sizes, a.channels, a.batch, a.repeats, contenders)
         step_size = a.step_size or (64 if dev == "cuda" else 28)
         report["step"].append(bench_step(device, step_size, a.step_batch, max(1, a.repeats // 2 if dev == "cpu" else a.repeats)))
+        cuda = dev == "cuda"
+        report["matmul_TFLOPs"][dev] = matmul_tflops(device)
+        cores = os.cpu_count()
+        workers = a.workers or sorted({cores} | ({4, 8} if cuda else set()))
+        compile_modes = a.compile or (["none", "default", "reduce-overhead"] if cuda else ["none"])
+        for spec in a.e2e:
+            images, name = e2e_data(spec, a.data_dir)
+            report["e2e"] += bench_end_to_end(device, name, images, a.e2e_batch or (256 if cuda else 64),
+                                              a.e2e_steps or (20 if cuda else 3), workers, compile_modes)
 
     print(f"torch {report['torch']}, {report['threads']} CPU threads, CUDA device: {report['cuda_device']}")
     print("copy bandwidth GB/s: " + ", ".join(f"{d} {v:.1f}" for d, v in report["copy_GB_per_s"].items()))
@@ -161,6 +309,15 @@ def main():
         print(f"SimCLR step ({s['device']}, ResNet-18, {s['size']} px, batch {s['batch']}): {s['step_s'] * 1e3:.1f} ms, "
               f"{s['images_per_s']:.0f} img/s; augmentation {s['augment_s'] * 1e3:.2f} ms = "
               f"{100 * s['augment_share']:.1f}% of the step")
+    if report["e2e"]:
+        print(f"end to end, SimCLR ResNet-18 (images/s; 'x' = the fastest medssl variant's images/s over this row's):")
+        for r in report["e2e"]:
+            peak = report["matmul_TFLOPs"][r["device"]]
+            flops = (f", {r['step_TFLOP'] / r['step_s']:.2f} TFLOP/s = {100 * r['step_TFLOP'] / r['step_s'] / peak:.0f}% "
+                     f"of matmul, first step {r['first_step_s']:.1f} s") if "step_TFLOP" in r else ""
+            what = f"medssl ({r['compile']})" if r["pipeline"] == "medssl" else f"DataLoader, {r['workers']} workers"
+            print(f"  {r['device']:4s} {r['data']:22s} batch {r['batch']:3d} {what:28s} {r['images_per_s']:9.0f} img/s, "
+                  f"epoch {r['epoch_s']:7.1f} s, x{r['medssl_speedup']:.2f}{flops}")
     common.write_json(a.out, report)
     print(f"wrote {a.out}")
 

@@ -2,6 +2,7 @@
 checkpoints and logging. Nothing method-specific lives here: the losses, heads and loops are in the method files.
 """
 import argparse
+import concurrent.futures
 import dataclasses
 import errno
 import glob
@@ -20,6 +21,7 @@ import zipfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 from PIL import Image, UnidentifiedImageError
@@ -70,6 +72,8 @@ RULES = {
     "temperature": (lambda v: 0 < v < math.inf, "> 0"),
     "sigma": (lambda v: 0 < v < math.inf, "> 0"),
     "weighting": (lambda v: v in ("vmf", "none"), "vmf or none"),
+    "compile": (lambda v: v in ("none", "default", "reduce-overhead", "max-autotune"),
+                "none, default, reduce-overhead or max-autotune"),
     "ema_decay": (lambda v: 0 <= v <= 1, "0..1"),
     "lambd": (lambda v: 0 <= v < math.inf, ">= 0"),
     "scale_loss": (lambda v: 0 < v < math.inf, "> 0"),
@@ -129,6 +133,13 @@ def prepare_run(args, method):
     unless --resume (continue it) or --overwrite (delete its files first), so checkpoint, log and results of one
     folder always belong to one run. Returns (out, checkpoint path, metrics path)."""
     out = run_dir(args, method)
+    if RANK == 0:  # torchrun: rank 0 checks and cleans the folder while the others wait at the barrier below
+        _check_run_folder(out, args, method)
+    barrier()
+    return out, os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
+
+
+def _check_run_folder(out, args, method):
     os.makedirs(out, exist_ok=True)
     for tmp in glob.glob(os.path.join(glob.escape(out), "*.tmp")):
         if os.path.basename(tmp).split(".")[0] in ("checkpoint", "metrics", "results", "eval"):
@@ -140,7 +151,94 @@ def prepare_run(args, method):
     elif found and not args.resume:
         raise SystemExit(f"{method}: {out} already holds a run ({', '.join(found)}). Pass --resume to continue it, "
                          f"--overwrite to replace it, or a new --out.")
-    return out, os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
+# Under torchrun every process runs the same method file; these few helpers are all that differs. RANK and WORLD
+# stay 0 and 1 in a plain `python simclr.py` run, where each of them is a no-op.
+RANK, WORLD = 0, 1
+
+
+def init_distributed():
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: join the process group (NCCL on CUDA, gloo on the CPU) and
+    take GPU LOCAL_RANK. Returns (rank, world size, device); without torchrun (0, 1, the one device)."""
+    global RANK, WORLD
+    if "RANK" not in os.environ:
+        return 0, 1, get_device()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    RANK, WORLD = dist.get_rank(), dist.get_world_size()
+    return RANK, WORLD, device
+
+
+def barrier():
+    if WORLD > 1:
+        dist.barrier()
+
+
+def rank_slice(batch, rank=None, world=None):
+    """This rank's share of a global batch: every rank draws the same permutation and augmentation params for the
+    whole batch and keeps rows [rank * batch / world, (rank + 1) * batch / world), so N ranks see exactly the images
+    and views one process would."""
+    rank, world = RANK if rank is None else rank, WORLD if world is None else world
+    if batch % world:
+        raise SystemExit(f"--batch-size {batch} is the global batch: it must divide evenly over {world} ranks")
+    return slice(rank * batch // world, (rank + 1) * batch // world)
+
+
+class _Gather(torch.autograd.Function):
+    """All ranks' rows in rank order. Backward: every rank's loss used every row, so the gradient of this rank's
+    rows is the sum over ranks of the gradient at them (an all-reduce, then this rank's slice)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(WORLD)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(WORLD)[RANK]
+
+
+def gather(x):
+    """torchrun: the rows of x from every rank, with gradients flowing back to each rank's own rows, so a loss over
+    the global batch sees every rank's negatives and batch statistics. One process: x itself."""
+    return _Gather.apply(x) if WORLD > 1 else x
+
+
+def distribute(model):
+    """torchrun on GPUs: batch norm over the global batch (SyncBatchNorm, which PyTorch provides on CUDA only; CPU
+    ranks keep per-rank statistics). One process: model itself."""
+    if WORLD > 1 and next(model.parameters()).is_cuda:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def average_gradients(model):
+    """torchrun: every gradient replaced by its mean over the ranks (what DistributedDataParallel does), in one
+    flat all-reduce after backward. With the same init and optimizer, every rank then takes the same step."""
+    if WORLD == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= WORLD
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
+
+
+def broadcast_buffers(model):
+    """torchrun: rank 0's buffers (BN running statistics) to every rank, as DDP's broadcast_buffers does, so the
+    ranks hold identical models at each checkpoint (CPU ranks compute per-rank BN statistics)."""
+    if WORLD > 1:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -342,22 +440,25 @@ def load_folder(root, size, data_dir, seed=0):
     if os.path.exists(cache):
         return load_npz(cache), cache
     classes = sorted(set().union(*per_split.values()))
+
+    def decode(f):  # PIL decodes and resizes outside the GIL, so threads use every core
+        try:
+            with Image.open(f) as im:
+                return np.asarray(_to_rgb8(im).resize((size, size), Image.BILINEAR))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise ValueError(f"{f}: unreadable image file ({e})") from e
     imgs, labels = {}, {}
-    bar = tqdm(total=sum(len(fs) for files in per_split.values() for fs in files.values()), unit="img",
-               desc=f"decoding {os.path.basename(root)} at {size} px (cached after this run)")
-    for split, files in per_split.items():
-        xs, ys = [], []
-        for c, fs in files.items():
-            for f in fs:
-                try:
-                    with Image.open(f) as im:
-                        xs.append(np.asarray(_to_rgb8(im).resize((size, size), Image.BILINEAR)))
-                except (UnidentifiedImageError, OSError, ValueError) as e:
-                    raise ValueError(f"{f}: unreadable image file ({e})") from e
-                ys.append(classes.index(c))
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool, \
+            tqdm(total=sum(len(fs) for files in per_split.values() for fs in files.values()), unit="img",
+                 desc=f"decoding {os.path.basename(root)} at {size} px (cached after this run)") as bar:
+        for split, files in per_split.items():
+            paths = [f for fs in files.values() for f in fs]
+            decoded = []
+            for x in pool.map(decode, paths):
+                decoded.append(x)
                 bar.update()
-        imgs[split], labels[split] = np.stack(xs), np.asarray(ys, dtype=np.int64)
-    bar.close()
+            imgs[split] = np.stack(decoded)
+            labels[split] = np.asarray([classes.index(c) for c, fs in files.items() for _ in fs], dtype=np.int64)
     # carve the missing splits from train, seeded and stratified (paper: 10% val; 20% test where absent)
     gen = torch.Generator().manual_seed(seed)
     for split, frac in (("test", 0.2), ("val", 0.1)):
@@ -385,6 +486,8 @@ def load_dataset(data, size=28, data_dir=None, seed=0, device="cpu"):
     {'train'|'val'|'test': (uint8 N x C x H x W, int64 N) on device, 'n_classes', 'channels', 'name', 'id'};
     'id' hashes the arrays themselves, so a resumed run can tell the same data under another name or path."""
     data_dir = data_dir or default_data_dir()
+    if RANK > 0:  # torchrun: rank 0 downloads or decodes (and caches) first; the others then read its files
+        barrier()
     if os.path.isdir(data):
         arrays, path = load_folder(data, size, data_dir, seed)
     elif data.endswith(".npz"):
@@ -394,6 +497,8 @@ def load_dataset(data, size=28, data_dir=None, seed=0, device="cpu"):
     else:
         path = find_medmnist(ALIASES.get(data, data), size, data_dir)
         arrays = load_npz(path)
+    if RANK == 0:
+        barrier()
     splits, n_classes = check_splits(arrays, path)
     if splits["train"][0].shape[-1] != size or splits["train"][0].shape[-2] != size:
         raise ValueError(f"{path}: images are {tuple(splits['train'][0].shape[-2:])}, expected --size {size}")
@@ -585,6 +690,8 @@ def atomic_write(path, write):
     """write(tmp) into a temp file beside path, then rename it over path: a reader never sees a half-written file,
     and a failed or killed write leaves the previous file as it was. Temp files are named <name>.<random>.tmp
     (prepare_run removes those a killed save left). The file gets the mode a plain open() would (mkstemp: 0600)."""
+    if RANK > 0:  # torchrun: rank 0 alone writes files
+        return
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=folder)
@@ -616,6 +723,8 @@ def write_json(path, obj):
 
 
 def log_jsonl(path, row):
+    if RANK > 0:  # torchrun: rank 0 alone writes files
+        return
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -641,9 +750,10 @@ def trim_log(path, start_epoch):
 
 
 STATE_KEYS = ("method", "args", "data_id", "epoch", "model", "optimizer", "scheduler", "gen", "torch_rng")
-# Args fields that do not change what is trained or measured: a resumed run may give other values for these.
+# Args fields that do not change what is trained or measured (compile: the same math, compiled), so a
+# resumed run may give other values for these.
 # The data is compared by its content (ds["id"]), so --data pneumonia and --data path/to/pneumoniamnist.npz agree.
-FREE_ON_RESUME = ("data", "data_dir", "out", "eval_every", "resume", "overwrite")
+FREE_ON_RESUME = ("data", "data_dir", "out", "eval_every", "resume", "overwrite", "compile")
 
 
 def load_checkpoint(path, device="cpu", keys=("args", "model")):
@@ -660,7 +770,9 @@ def load_checkpoint(path, device="cpu", keys=("args", "model")):
 
 def save_state(path, args, method, data_id, epoch, model, optimizer, scheduler, gen):
     """The checkpoint after `epoch` epochs: all a run needs to continue exactly (weights, optimizer and schedule,
-    both RNG streams), and the args and data identity that restore_state compares."""
+    both RNG streams), and the args and data identity that restore_state compares. torchrun: every rank calls it;
+    rank 0's BN statistics go to every rank first (as DDP's broadcast_buffers), then rank 0 writes."""
+    broadcast_buffers(model)
     state = {"method": method, "args": dataclasses.asdict(args), "data_id": data_id, "epoch": epoch,
              "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "gen": gen.get_state(), "torch_rng": torch.get_rng_state()}
@@ -692,7 +804,7 @@ def restore_state(path, args, method, data_id, model, optimizer, scheduler, gen,
         gen.set_state(ckpt["gen"].cpu())  # RNG states are CPU tensors even when the model is on a GPU
         torch.set_rng_state(ckpt["torch_rng"].cpu())
         start = ckpt["epoch"]
-        print(f"resumed from {path} at epoch {start}")
+        print(f"resumed from {path} at epoch {start}" + (f" (rank {RANK})" if WORLD > 1 else ""))
     trim_log(log_path, start)
     return start
 

@@ -130,7 +130,7 @@ def test_a_torch_file_that_is_not_a_medssl_checkpoint_is_named(tiny_dir, tmp_pat
     assert r.returncode != 0 and "checkpoint.pt is not a medssl checkpoint (missing keys ['method', 'args'" in r.stderr
 
 
-def test_ctrl_c_and_sigterm_end_with_one_line_and_resume_finishes(tiny_dir, tmp_path):
+def test_ctrl_c_and_sigterm_end_with_one_line(tiny_dir, tmp_path):
     out = tmp_path / "run"
     for sig in (signal.SIGINT, signal.SIGTERM):
         t0 = time.time()
@@ -141,8 +141,6 @@ def test_ctrl_c_and_sigterm_end_with_one_line_and_resume_finishes(tiny_dir, tmp_
         _, err = p.communicate(timeout=120)
         assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
         assert "simclr: interrupted at epoch " in err and "rerun with --resume to continue" in err
-    run("simclr.py", tiny_dir, out, "--epochs", "3", "--resume", "--eval-every", "3")  # finishes the run
-    assert json.loads((out / "results.json").read_text())["epochs"] == 3
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
