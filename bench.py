@@ -86,7 +86,7 @@ def bench_augment(device, sizes, channels, B, repeats, contenders):
             params = common.sample_params(B, size, size, C, g, views=(view, view)).to(device)
             mean, std, k = [0.5] * C, [0.25] * C, blur_kernel_size(size)
             tv = torchvision_pipeline(size, C, mean, std)
-            fns = {"op": lambda: op(images, params, size, k, mean, std),
+            fns = {"op": lambda: op(images, params, size, mean, std, k),
                    "reference": lambda: augment_reference(images, params, size, mean, std, k),
                    "tv-loop": lambda: [torch.stack([tv(im) for im in images]) for _ in range(2)]}
             nbytes = images.numel() + 2 * images.numel() * 4  # uint8 in, two float32 views out (same size)
@@ -244,6 +244,32 @@ def bench_end_to_end(device, name, images, B, steps, workers, compile_modes):
     return rows
 
 
+def profile_step(device, size, B, steps=10):
+    """torch.profiler over `steps` medssl SimCLR steps: where the time goes (the top ops) and, on CUDA, the share
+    of the wall time the GPU spends in kernels (busy); the rest is launch gaps and host work."""
+    from torch.profiler import ProfilerActivity, profile
+    images = torch.randint(0, 256, (4 * B, 1, size, size), dtype=torch.uint8, device=device)
+    step = simclr_step(device, 1, size)
+    aug = common.augmentation(size, simclr.VIEWS)
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def one():
+        params = common.sample_params(B, size, size, 1, gen, **aug).to(device, non_blocking=True)
+        step(*common.augment(images[:B], params, size, [0.5], [0.25], dtype=dtype))
+    for _ in range(3):
+        one()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        wall = timeit(lambda: [one() for _ in range(steps)], device, repeats=1, warmup=0)
+    events = prof.key_averages()
+    kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    return {"device": device.type, "size": size, "batch": B, "step_ms": wall / steps * 1e3,
+            "gpu_busy": kernel_us / (wall * 1e6) if device.type == "cuda" else None,
+            "top": events.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                                row_limit=12)}
+
+
 def e2e_data(spec, data_dir):
     """PneumoniaMNIST-28 / BreastMNIST-64 train images from data_dir, else random images of the same shape."""
     flag, size, n = {"pneumonia": ("pneumoniamnist", 28, 4708), "breast64": ("breastmnist", 64, 546)}[spec]
@@ -272,6 +298,7 @@ def main():
     ap.add_argument("--compile", nargs="+", default=None, help="medssl step variants: none and torch.compile modes "
                     "of the backbone, e.g. default reduce-overhead (default: none on the CPU; all three on CUDA)")
     ap.add_argument("--data-dir", default=None, help="where the npz files are (default: $MEDSSL_DATA_DIR or ./data)")
+    ap.add_argument("--profile", type=int, nargs="*", default=[], help="profile the medssl step at these sizes")
     ap.add_argument("--out", default="bench.json")
     a = ap.parse_args()
     os.environ["MEDSSL_REQUIRE_OP"] = "1"  # a benchmark of the fallback would be a lie: fail instead
@@ -292,6 +319,8 @@ def main():
         cores = os.cpu_count()
         workers = a.workers or sorted({cores} | ({4, 8} if cuda else set()))
         compile_modes = a.compile or (["none", "default", "reduce-overhead"] if cuda else ["none"])
+        report.setdefault("profile", [])
+        report["profile"] += [profile_step(device, s, a.e2e_batch or (256 if cuda else 16)) for s in a.profile]
         for spec in a.e2e:
             images, name = e2e_data(spec, a.data_dir)
             report["e2e"] += bench_end_to_end(device, name, images, a.e2e_batch or (256 if cuda else 64),
@@ -318,6 +347,9 @@ def main():
             what = f"medssl ({r['compile']})" if r["pipeline"] == "medssl" else f"DataLoader, {r['workers']} workers"
             print(f"  {r['device']:4s} {r['data']:22s} batch {r['batch']:3d} {what:28s} {r['images_per_s']:9.0f} img/s, "
                   f"epoch {r['epoch_s']:7.1f} s, x{r['medssl_speedup']:.2f}{flops}")
+    for p in report.get("profile", []):
+        busy = f", GPU busy {100 * p['gpu_busy']:.0f}% of the wall time" if p["gpu_busy"] is not None else ""
+        print(f"profile ({p['device']}, {p['size']} px, batch {p['batch']}): {p['step_ms']:.1f} ms per step{busy}\n{p['top']}")
     common.write_json(a.out, report)
     print(f"wrote {a.out}")
 

@@ -79,7 +79,7 @@ RULES = {
     "scale_loss": (lambda v: 0 < v < math.inf, "> 0"),
     **{k: (lambda v: 0 <= v < math.inf, ">= 0") for k in ("sim_coeff", "std_coeff", "cov_coeff")},
     **{k: (lambda v: v >= 1, ">= 1") for k in ("proj_hidden", "proj_dim", "pred_hidden")},
-    **{k: (lambda v: True, "any") for k in ("data_dir", "out", "resume", "overwrite", "fix_pred_lr")},
+    **{k: (lambda v: True, "any") for k in ("data_dir", "out", "resume", "overwrite", "fix_pred_lr", "host_data")},
 }
 
 
@@ -396,15 +396,18 @@ def _list_class_folder(root):
     return files
 
 
-def _stratified_split(labels, frac, gen):
-    """Seeded per-class split of indices: (kept, carved) with round(frac * n_c) (>= 1 when n_c >= 2) carved per class."""
-    keep, carve = [], []
+def stratified_sample(labels, frac, gen, leave_one=False):
+    """Seeded per-class sample of indices: (chosen, rest), round(frac * n_c) chosen per class and at least one;
+    leave_one: never a whole class (a split carved from train keeps >= 1 of each class there). Shared by the
+    folder splits and evaluate.label_subset."""
+    chosen, rest = [], []
     for c in labels.unique():
         idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
-        n = max(1, round(frac * len(idx))) if len(idx) >= 2 else 0
-        carve.append(idx[:n]), keep.append(idx[n:])
-    return torch.cat(keep).sort().values, torch.cat(carve).sort().values
+        n = max(1, round(frac * len(idx)))
+        n = min(n, len(idx) - 1) if leave_one else n
+        chosen.append(idx[:n]), rest.append(idx[n:])
+    return torch.cat(chosen).sort().values, torch.cat(rest).sort().values
 
 
 def _to_rgb8(im):
@@ -463,7 +466,7 @@ def load_folder(root, size, data_dir, seed=0):
     gen = torch.Generator().manual_seed(seed)
     for split, frac in (("test", 0.2), ("val", 0.1)):
         if split not in imgs:
-            keep, carve = (t.numpy() for t in _stratified_split(torch.from_numpy(labels["train"]), frac, gen))
+            carve, keep = (t.numpy() for t in stratified_sample(torch.from_numpy(labels["train"]), frac, gen, True))
             imgs[split], labels[split] = imgs["train"][carve], labels["train"][carve]
             imgs["train"], labels["train"] = imgs["train"][keep], labels["train"][keep]
     # keep 1 channel when every image is gray (R == G == B), as X-rays are; else RGB
@@ -481,10 +484,12 @@ def load_folder(root, size, data_dir, seed=0):
     return arrays, root
 
 
-def load_dataset(data, size=28, data_dir=None, seed=0, device="cpu"):
+def load_dataset(data, size=28, data_dir=None, seed=0, device="cpu", host=False):
     """data: a MedMNIST flag, a folder (load_folder) or a .npz file in the MedMNIST layout. Returns
     {'train'|'val'|'test': (uint8 N x C x H x W, int64 N) on device, 'n_classes', 'channels', 'name', 'id'};
-    'id' hashes the arrays themselves, so a resumed run can tell the same data under another name or path."""
+    'id' hashes the arrays themselves, so a resumed run can tell the same data under another name or path.
+    host (--host-data), or images over half the GPU's free memory: the images stay in pinned CPU memory and each
+    batch is copied over (labels go to the device), so the dataset's size is not limited by the GPU's memory."""
     data_dir = data_dir or default_data_dir()
     if RANK > 0:  # torchrun: rank 0 downloads or decodes (and caches) first; the others then read its files
         barrier()
@@ -506,16 +511,29 @@ def load_dataset(data, size=28, data_dir=None, seed=0, device="cpu"):
     for s in SPLITS:
         for t in splits[s]:
             digest.update(str(tuple(t.shape)).encode() + t.numpy().tobytes())
-    ds = {s: (x.to(device), y.to(device)) for s, (x, y) in splits.items()}
+    device = torch.device(device)
+    nbytes = sum(x.numel() for x, _ in splits.values())
+    if device.type == "cuda" and not host and nbytes > torch.cuda.mem_get_info(device)[0] // 2:
+        host = True
+        print(f"{path}: {nbytes / 2**30:.1f} GiB of images, over half the GPU's free memory: kept in pinned host memory")
+    on_host = host and device.type == "cuda"
+    ds = {s: (x.pin_memory() if on_host else x.to(device), y.to(device)) for s, (x, y) in splits.items()}
     name = os.path.basename(os.path.normpath(data)).removesuffix(".npz")
     ds.update(n_classes=n_classes, channels=ds["train"][0].shape[1], name=name, id=digest.hexdigest()[:16])
     return ds
 
 
-def channel_stats(images):
-    """Per-channel mean and std of uint8 images in [0, 1] units, for the normalize step."""
-    x = images.float().div(255).transpose(0, 1).flatten(1)  # (C, N*H*W)
-    return x.mean(1).tolist(), x.std(1).clamp(min=1e-3).tolist()
+def channel_stats(images, chunk=4096):
+    """Per-channel mean and std of uint8 images in [0, 1] units, for the normalize step (float64 sums over chunks
+    of images, so a large set is never copied whole as floats)."""
+    s = s2 = 0
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].double().div(255).transpose(0, 1).flatten(1)  # (C, n*H*W)
+        s, s2 = s + x.sum(1), s2 + x.square().sum(1)
+    n = images[:1].numel() // images.shape[1] * len(images)  # values per channel
+    mean = s / n
+    std = ((s2 - n * mean ** 2) / (n - 1)).clamp(min=0).sqrt()  # sample std, as torch.std
+    return mean.tolist(), std.clamp(min=1e-3).tolist()
 
 
 # ------------------------------------------------------------------------------------------------ augmentation params
@@ -590,27 +608,15 @@ def sample_params(B, H, W, C, gen, views, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3
 
 
 # ------------------------------------------------------------------------------------------------ backbone, optimizer
-def make_backbone(arch, channels, size, imagenet=None):
+def make_backbone(arch, channels, size):
     """torchvision ResNet with its first conv taking `channels`; a 3x3 stride-1 stem without max-pool for <= 64 px.
-
-    imagenet: a state dict from evaluate.imagenet_weights(). The network then keeps the architecture those
-    weights were trained with (7x7/2 stem + max-pool) and sees its input resized to `size`, e.g. 224 (as in
-    MedMNIST v2's "ResNet (224)" protocol); for 1 channel the first conv is summed over RGB, which gives a gray
-    image the response the RGB filters give the same image with three equal channels.
     Returns (backbone, feature_dim); the classification head is replaced by Identity, so backbone(x) is h.
-    """
+    (The ImageNet-weights variant, which keeps torchvision's stem, is evaluate.imagenet_backbone.)"""
     if arch not in ("resnet18", "resnet50"):
         raise ValueError(f"--arch {arch!r}: expected resnet18 or resnet50")
     net = getattr(torchvision.models, arch)(weights=None)
     dim = net.fc.in_features
     net.fc = nn.Identity()
-    if imagenet is not None:
-        if channels not in (1, 3):
-            raise ValueError(f"ImageNet weights take 1 or 3 channels; the data has {channels}")
-        w = imagenet["conv1.weight"]  # (64, 3, 7, 7)
-        net.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
-        net.load_state_dict({**imagenet, "conv1.weight": w.sum(1, keepdim=True) if channels == 1 else w})
-        return nn.Sequential(nn.Upsample(size=(size, size), mode="bilinear", align_corners=False), net), dim
     if size <= 64:  # a 7x7/2 conv + max-pool would shrink 28 px to 7 px before the first block
         net.conv1 = nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()
@@ -753,7 +759,7 @@ STATE_KEYS = ("method", "args", "data_id", "epoch", "model", "optimizer", "sched
 # Args fields that do not change what is trained or measured (compile: the same math, compiled), so a
 # resumed run may give other values for these.
 # The data is compared by its content (ds["id"]), so --data pneumonia and --data path/to/pneumoniamnist.npz agree.
-FREE_ON_RESUME = ("data", "data_dir", "out", "eval_every", "resume", "overwrite", "compile")
+FREE_ON_RESUME = ("data", "data_dir", "out", "eval_every", "resume", "overwrite", "compile", "host_data")
 
 
 def load_checkpoint(path, device="cpu", keys=("args", "model")):
@@ -814,5 +820,5 @@ def take_subset(ds, n, seed):
     x, y = ds["train"]
     if not 0 < n <= len(x):
         raise ValueError(f"--train-subset {n}: expected 1..{len(x)} (the train split size)")
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].to(x.device)
-    ds["train"] = (x[idx], y[idx])
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    ds["train"] = (x[idx.to(x.device)], y[idx.to(y.device)])

@@ -51,6 +51,7 @@ class Args:
     resume: bool = False  # continue from <out>/checkpoint.pt
     overwrite: bool = False  # replace the run already in --out instead of refusing to touch it
     compile: str = "none"  # torch.compile the backbone: none, default or reduce-overhead (CUDA graphs); bench.py
+    host_data: bool = False  # keep the images in pinned CPU memory, copy each batch (auto when they do not fit)
     # DCLW
     temperature: float = 0.1  # t (the paper's; DCL is less sensitive to it than NT-Xent)
     weighting: str = "vmf"  # positive weight w_i: vmf (DCLW, the default) or none (DCL)
@@ -101,26 +102,27 @@ def main(args):
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)  # CPU stream for batch order and augmentation params
 
-    ds = common.load_dataset(args.data, args.size, args.data_dir or None, args.seed, device)
+    ds = common.load_dataset(args.data, args.size, args.data_dir or None, args.seed, device, args.host_data)
     if args.train_subset:
         common.take_subset(ds, args.train_subset, args.seed)
-    images = ds["train"][0]  # uint8 (N, C, H, W), all of it on the device: batches are index slices
+    images = ds["train"][0]  # uint8 (N, C, H, W) on the device (or in host memory): batches are index slices
     N, C, H, W = images.shape
     mean, std = common.channel_stats(images)
     B = min(args.batch_size, N)
     steps = N // B  # drop the ragged last batch: BN and the loss want full batches
     mine = common.rank_slice(B)  # torchrun: this rank's rows of every global batch of B (alone: all of them)
-    view_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 views feed bf16 autocast
+    cuda = device.type == "cuda"  # on a GPU: bf16 autocast fed bf16 views, and channels_last tensors
+    view_dtype, layout = (torch.bfloat16, torch.channels_last) if cuda else (torch.float32, torch.contiguous_format)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     aug = common.augmentation(args.size, VIEWS, args.min_scale, args.jitter, args.blur)  # crop, jitter, blur
 
     backbone, dim = common.make_backbone(args.arch, C, args.size)
     projector = Projector(dim, args.proj_hidden, args.proj_dim)
     model = nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)
     model = common.distribute(model)  # torchrun on GPUs: batch norm over the global batch (SyncBatchNorm)
-    if args.compile != "none":  # compiled once, then reused; pays off on a GPU (README, Speed)
+    if args.compile != "none":  # compiled on the first step, then reused; for GPUs (BENCHMARKS.md)
         backbone.compile(mode=args.compile)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=layout)
     optimizer = common.LARS(model.parameters(), lr=args.lr * B / 256, weight_decay=args.weight_decay)
     scheduler = common.warmup_cosine(optimizer, args.warmup_epochs * steps, args.epochs * steps)
 
@@ -131,16 +133,15 @@ def main(args):
     bar = tqdm(total=args.epochs * steps, initial=start * steps, desc=METHOD, unit="step", disable=rank > 0)
     for epoch in range(start, args.epochs):
         model.train()
-        perm = torch.randperm(N, generator=gen).to(device)
+        perm = torch.randperm(N, generator=gen).to(images.device)
         for step in range(steps):
             t0 = time.perf_counter()
             idx = perm[step * B:(step + 1) * B][mine]  # every rank draws the same global batch, keeps its rows
             params = common.sample_params(B, H, W, C, gen, **aug)[:, mine].to(device, non_blocking=True)
-            x1, x2 = common.augment(images[idx], params, args.size, mean, std, dtype=view_dtype)  # (B, C, S, S) each
-            x = torch.cat([x1, x2])  # both views through the backbone in one call: (2B, C, S, S)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            batch = images[idx].to(device, non_blocking=True)  # uint8 (B, C, H, W); a copy only with host data
+            x1, x2 = common.augment(batch, params, args.size, mean, std, dtype=view_dtype)  # (B, C, S, S) each
+            x = torch.cat([x1, x2]).contiguous(memory_format=layout)  # both views in one call: (2B, C, S, S)
+            with autocast:
                 h = backbone(x)  # (2B, dim) representation
                 z = projector(h)  # (2B, proj_dim) projection
             z1, z2 = (common.gather(t) for t in z.float().chunk(2))  # torchrun: all B rows of every rank
@@ -152,13 +153,13 @@ def main(args):
             optimizer.step()
             scheduler.step()
 
-            loss_value = loss.item()  # one host sync per step, for the log and the NaN guard
+            # collapse monitor: std over the batch of the unit-norm projection, ~1/sqrt(d) when healthy, 0 if collapsed
+            z_std = F.normalize(z.detach().float(), dim=1).std(0).mean()
+            loss_value, z_std = torch.stack([loss.detach(), z_std]).tolist()  # the step's one host sync
             if not math.isfinite(loss_value):
                 kept = f"the last good checkpoint (epoch {epoch}) is {ckpt_path}" if epoch else "no checkpoint yet"
                 raise SystemExit(f"{METHOD}: loss is {loss_value} at epoch {epoch + 1} step {step + 1}; stopped, "
                                  f"{kept}. Try a lower --lr or a higher --temperature.")
-            # collapse monitor: std over the batch of the unit-norm projection, ~1/sqrt(d) when healthy, 0 if collapsed
-            z_std = F.normalize(z.detach().float(), dim=1).std(0).mean().item()
             img_per_s = B / (time.perf_counter() - t0)  # images of the global batch per second
             common.log_jsonl(log_path, {"epoch": epoch, "step": epoch * steps + step, "train/loss": loss_value,
                                         "train/lr": scheduler.get_last_lr()[0], "train/img_per_s": img_per_s,

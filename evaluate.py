@@ -27,12 +27,13 @@ def extract_features(backbone, images, mean, std, batch_size=512):
     """uint8 (N, C, H, W) -> float32 features (N, D), backbone in eval mode (BN uses its running stats)."""
     was_training = backbone.training
     backbone.eval()
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    device = next(backbone.parameters()).device  # images may be in host memory (--host-data): batches go over
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
     feats = []
     for i in range(0, len(images), batch_size):
-        x = (images[i:i + batch_size].float() / 255 - m) / s
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+        x = (images[i:i + batch_size].to(device, non_blocking=True).float() / 255 - m) / s
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats.append(backbone(x).float())
     backbone.train(was_training)
     return torch.cat(feats)
@@ -168,13 +169,7 @@ def label_subset(y, fraction, seed):
     """Indices of a seeded, stratified `fraction` of the labels y: round(fraction * n_c) per class, at least one."""
     if not 0 < fraction <= 1:
         raise ValueError(f"label fraction {fraction}: expected 0 < fraction <= 1")
-    g = torch.Generator().manual_seed(seed)
-    keep = []
-    for c in y.unique().tolist():
-        idx = torch.nonzero(y.cpu() == c).flatten()
-        n = max(1, round(fraction * len(idx)))
-        keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
-    return torch.cat(keep).sort().values.to(y.device)
+    return common.stratified_sample(y.cpu(), fraction, torch.Generator().manual_seed(seed))[0].to(y.device)
 
 
 def embed_2d(f, y, n=1000, seed=0):
@@ -230,6 +225,7 @@ def train_with_labels(net, head, ds, mean, std, epochs, lr, backbone_lr_scale, b
     gen = torch.Generator().manual_seed(seed)
     x, y = ds["train"]
     N, C, H, W = x.shape
+    device = next(net.parameters()).device  # x may be in host memory (--host-data)
     aug = common.augmentation(H, (view,))
     B = min(batch_size, N)
     steps = max(1, N // B)
@@ -243,11 +239,11 @@ def train_with_labels(net, head, ds, mean, std, epochs, lr, backbone_lr_scale, b
             perm = torch.randperm(N, generator=gen).to(x.device)
             for step in range(steps):
                 idx = perm[step * B:(step + 1) * B]
-                params = common.sample_params(len(idx), H, W, C, gen, **aug).to(x.device)
-                (xb,) = common.augment(x[idx], params, H, mean, std)  # (B, C, H, W): one view
-                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+                params = common.sample_params(len(idx), H, W, C, gen, **aug).to(device)
+                (xb,) = common.augment(x[idx].to(device, non_blocking=True), params, H, mean, std)  # one view
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = head(net(xb)).float()
-                loss = F.cross_entropy(logits, y[idx])
+                loss = F.cross_entropy(logits, y[idx.to(y.device)])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"cross-entropy loss is {loss.item()}: try a lower learning rate")
                 opt.zero_grad(set_to_none=True)
@@ -276,6 +272,22 @@ def finetune(backbone, head, ds, mean, std, epochs, lr=0.05, backbone_lr_scale=0
 
 # ------------------------------------------------------------------------------------------------ baselines
 IMAGENET = {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights"}  # torchvision's weight enums
+
+
+def imagenet_backbone(arch, channels, size, weights):
+    """torchvision's ResNet with ImageNet weights (a state dict from imagenet_weights), in the architecture they
+    were trained with (7x7/2 stem + max-pool), seeing its input resized to `size`, e.g. 224 (MedMNIST v2's "ResNet
+    (224)" protocol). For 1 channel the first conv is summed over RGB, which gives a gray image the response the RGB
+    filters give the same image with three equal channels. Returns (backbone, feature_dim), like make_backbone."""
+    if channels not in (1, 3):
+        raise ValueError(f"ImageNet weights take 1 or 3 channels; the data has {channels}")
+    net = getattr(torchvision.models, arch)(weights=None)
+    dim = net.fc.in_features
+    net.fc = torch.nn.Identity()
+    w = weights["conv1.weight"]  # (64, 3, 7, 7)
+    net.conv1 = torch.nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+    net.load_state_dict({**weights, "conv1.weight": w.sum(1, keepdim=True) if channels == 1 else w})
+    return torch.nn.Sequential(torch.nn.Upsample(size=(size, size), mode="bilinear", align_corners=False), net), dim
 
 
 def imagenet_weights(arch, path=None, download=True):
@@ -347,17 +359,17 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, help="(default: the checkpoint's, else 0)")
     ap.add_argument("--out", default="", help="JSON path (default: beside the checkpoint, or runs/<init>-...)")
     ap.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune end to end for N epochs (0: skip)")
-    a = ap.parse_args(argv)
+    cli = ap.parse_args(argv)
     device = common.get_device()
-    ckpt = common.load_checkpoint(a.checkpoint) if a.checkpoint else {"args": {}}
+    ckpt = common.load_checkpoint(cli.checkpoint) if cli.checkpoint else {"args": {}}
     defaults = dict(data="pneumonia", size=28, data_dir="", arch="resnet18", seed=0, train_subset=0)
-    pick = {k: getattr(a, k) if getattr(a, k) is not None else ckpt["args"].get(k, v) for k, v in defaults.items()}
+    pick = {k: ckpt["args"].get(k, v) if getattr(cli, k) is None else getattr(cli, k) for k, v in defaults.items()}
     data, size, arch, seed, data_dir, subset = (pick[k] for k in ("data", "size", "arch", "seed", "data_dir", "train_subset"))
-    method = ckpt.get("method", "ssl") if a.checkpoint else a.init
-    if a.checkpoint and arch != ckpt["args"].get("arch", arch):
-        raise SystemExit(f"--arch {arch}: {a.checkpoint} holds a {ckpt['args']['arch']} backbone")
+    method = ckpt.get("method", "ssl") if cli.checkpoint else cli.init
+    if cli.checkpoint and arch != ckpt["args"].get("arch", arch):
+        raise SystemExit(f"--arch {arch}: {cli.checkpoint} holds a {ckpt['args']['arch']} backbone")
     try:  # fail before loading any data, with the message alone (it says how to get the weights)
-        weights = imagenet_weights(arch, a.weights) if method == "imagenet" else None
+        weights = imagenet_weights(arch, cli.weights) if method == "imagenet" else None
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"evaluate.py --init imagenet: {e}") from e
     ds = common.load_dataset(data, size, data_dir or None, seed, device)
@@ -365,24 +377,24 @@ def main(argv=None):
         common.take_subset(ds, subset, seed)
     torch.manual_seed(seed)
     if weights is not None:
-        backbone, dim = common.make_backbone(arch, ds["channels"], a.imagenet_size, imagenet=weights)
+        backbone, dim = imagenet_backbone(arch, ds["channels"], cli.imagenet_size, weights)
     else:
         backbone, dim = common.make_backbone(arch, ds["channels"], size)
-    if a.checkpoint:
+    if cli.checkpoint:
         prefix = "backbone."
         backbone.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
-        out = a.out or os.path.join(os.path.dirname(a.checkpoint), "eval.json")
+        out = cli.out or os.path.join(os.path.dirname(cli.checkpoint), "eval.json")
     else:
-        out = a.out or os.path.join("runs", f"{a.init}-{ds['name']}-{size}-s{seed}", "results.json")
+        out = cli.out or os.path.join("runs", f"{cli.init}-{ds['name']}-{size}-s{seed}", "results.json")
     backbone.to(device)
     mean, std = common.channel_stats(ds["train"][0])
-    res = {"method": method, "data": data, "size": size, "epochs": ckpt.get("epoch", 0) if a.checkpoint else 0}
+    res = {"method": method, "data": data, "size": size, "epochs": ckpt.get("epoch", 0) if cli.checkpoint else 0}
     if method == "supervised":  # same backbone, augmentation and epoch budget as the SSL methods, but with labels
-        lr = a.lr * a.batch_size / 256  # the linear scaling rule, as in the method files
+        lr = cli.lr * cli.batch_size / 256  # the linear scaling rule, as in the method files
         head = torch.nn.Linear(dim, ds["n_classes"]).to(device)
-        sup = train_with_labels(backbone, head, ds, mean, std, a.epochs, lr, 1.0, a.batch_size, seed, SSL_VIEW)
-        res.update(epochs=a.epochs, supervised=sup)
-    res.update(evaluate(backbone, ds, mean, std, seed=seed, finetune_epochs=a.finetune_epochs))
+        sup = train_with_labels(backbone, head, ds, mean, std, cli.epochs, lr, 1.0, cli.batch_size, seed, SSL_VIEW)
+        res.update(epochs=cli.epochs, supervised=sup)
+    res.update(evaluate(backbone, ds, mean, std, seed=seed, finetune_epochs=cli.finetune_epochs))
     print_table({f"{method} ({ds['name']}, {size}px)": res})
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     common.write_json(out, res)

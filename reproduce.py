@@ -33,6 +33,9 @@ import common
 import evaluate
 
 # A preset's `data` entries are MedMNIST flags or folders, "@64" picks another image size than the preset's `size`;
+# Published reference points for the table, kept here only (MedMNIST v2, Yang et al., Scientific Data 2023).
+ANCHORS = ("Anchors (MedMNIST v2, supervised ResNet-18 at 28 px, full data, 100 epochs): PneumoniaMNIST "
+           "ACC 0.854 / AUC 0.944, BreastMNIST ACC 0.863 / AUC 0.901.")
 # epochs and batch_size are one value or one per data entry.
 PRESETS = {
     "cpu": dict(arch="resnet18", size=28, data=["pneumonia"], epochs=3, batch_size=32, warmup_epochs=1, seeds=[0],
@@ -89,9 +92,9 @@ def data_name(data, size):
     return f"{os.path.basename(os.path.normpath(data))}-{size}"
 
 
-def setting(p, key, spec):
+def setting(preset, key, spec):
     """A preset value that is either one value for every data entry or a dict keyed by the entry."""
-    v = p[key]
+    v = preset[key]
     return v.get(spec, v.get(spec.split("@")[0])) if isinstance(v, dict) else v
 
 
@@ -291,8 +294,7 @@ def write_table(records, datasets, cfg, cli, wall):
              "probe (LP-FT), reported at the epoch with the best val AUC (0 = the probe itself); for the supervised "
              "baseline also its own head (its backbone saw every train label, so its frozen-feature rows are not "
              "label-efficient).",
-             "- Anchors (MedMNIST v2, supervised ResNet-18 at 28 px, full data, 100 epochs): PneumoniaMNIST "
-             "ACC 0.854 / AUC 0.944, BreastMNIST ACC 0.863 / AUC 0.901."]
+             "- " + ANCHORS]
     reasons = {}  # the same failure (ImageNet weights offline) is listed once, with every run it stopped
     for r in records:
         if r["status"] == "failed":
@@ -315,12 +317,12 @@ def write_table(records, datasets, cfg, cli, wall):
                 if rs:
                     cells = [mean_std([x["acc"] for x in rs]), auc_cell(rs), mean_std([x["f1_weighted"] for x in rs])]
                     lines.append(f"| {pname} | {NAMES[model]} | " + " | ".join(cells) + f" | {chosen(rs, proto)} |")
-        protos = [(p, n) for p, n in PROTOCOLS if p != "supervised"]
+        protos = [(proto, n) for proto, n in PROTOCOLS if proto != "supervised"]
         lines += ["", "Test AUC minus the untrained backbone's, same seeds (paired):", "",
                   "| model | " + " | ".join(n for _, n in protos) + " |", "|---|" + "---:|" * len(protos)]
         for model in METHODS + ["supervised", "imagenet"]:
             if any(r["model"] == model and r["data"] == d for r in ok):
-                lines.append(f"| {NAMES[model]} | " + " | ".join(paired_delta(ok, d, model, p) for p, _ in protos) + " |")
+                lines.append(f"| {NAMES[model]} | " + " | ".join(paired_delta(ok, d, model, proto) for proto, _ in protos) + " |")
         lines.append("")
     lines += ["## Figures", "", "![loss and online kNN](curves.png)", "",
               "![label efficiency](label_efficiency.png)", "", "![embedding](embedding.png)", "",
@@ -386,8 +388,8 @@ def figures(records, datasets, out):
             ax2 = ax.twinx()
             ax2.plot(c["knn_epoch"], c["knn_auc"], "k--o", ms=3)
             ax2.set_ylabel("val kNN AUC (dashed)", fontsize=8)
-            for a_ in (ax, ax2):
-                a_.tick_params(labelsize=7)
+            for axis in (ax, ax2):
+                axis.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=80)
     plt.close(fig)

@@ -16,8 +16,8 @@
 namespace medssl {
 
 // Checks shared with the CUDA entry point: say what was expected and what came.
-Norm check_inputs(const at::Tensor& images, const at::Tensor& params, int64_t size, int64_t blur_kernel,
-                  at::ArrayRef<double> mean, at::ArrayRef<double> std, std::optional<at::ScalarType> dtype) {
+Norm check_inputs(const at::Tensor& images, const at::Tensor& params, int64_t size, at::ArrayRef<double> mean,
+                  at::ArrayRef<double> std, int64_t blur_kernel, std::optional<at::ScalarType> dtype) {
   TORCH_CHECK(!dtype || *dtype == at::kFloat || *dtype == at::kBFloat16,
               "medssl::augment: dtype must be float32 or bfloat16, got ", *dtype);
   TORCH_CHECK(images.scalar_type() == at::kByte, "medssl::augment: images must be uint8, got ", images.scalar_type());
@@ -213,9 +213,9 @@ void augment_cpu_impl(const at::Tensor& images, const at::Tensor& params, int S,
   });
 }
 
-at::Tensor augment_cpu(const at::Tensor& images, const at::Tensor& params, int64_t size, int64_t blur_kernel,
-                       at::ArrayRef<double> mean, at::ArrayRef<double> std, std::optional<at::ScalarType> dtype) {
-  const Norm norm = check_inputs(images, params, size, blur_kernel, mean, std, dtype);
+at::Tensor augment_cpu(const at::Tensor& images, const at::Tensor& params, int64_t size, at::ArrayRef<double> mean,
+                       at::ArrayRef<double> std, int64_t blur_kernel, std::optional<at::ScalarType> dtype) {
+  const Norm norm = check_inputs(images, params, size, mean, std, blur_kernel, dtype);
   TORCH_CHECK(images.device().is_cpu(), "medssl::augment (CPU kernel): images must be on the CPU");
   check_params(params, images.size(2), images.size(3));
   const at::ScalarType out_type = dtype.value_or(at::kFloat);
@@ -230,7 +230,7 @@ at::Tensor augment_cpu(const at::Tensor& images, const at::Tensor& params, int64
 }  // namespace medssl
 
 TORCH_LIBRARY(medssl, m) {
-  m.def("augment(Tensor images, Tensor params, int size, int blur_kernel, float[] mean, float[] std, "
+  m.def("augment(Tensor images, Tensor params, int size, float[] mean, float[] std, int blur_kernel, "
         "ScalarType? dtype=None) -> Tensor");
 }
 

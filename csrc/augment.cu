@@ -17,8 +17,8 @@
 
 namespace medssl {
 
-Norm check_inputs(const at::Tensor& images, const at::Tensor& params, int64_t size, int64_t blur_kernel,
-                  at::ArrayRef<double> mean, at::ArrayRef<double> std, std::optional<at::ScalarType> dtype);
+Norm check_inputs(const at::Tensor& images, const at::Tensor& params, int64_t size, at::ArrayRef<double> mean,
+                  at::ArrayRef<double> std, int64_t blur_kernel, std::optional<at::ScalarType> dtype);
 
 constexpr int THREADS = 256;
 
@@ -125,9 +125,9 @@ __global__ void augment_kernel(const uint8_t* __restrict__ images, const float* 
   }
 }
 
-at::Tensor augment_cuda(const at::Tensor& images, const at::Tensor& params, int64_t size, int64_t blur_kernel,
-                        at::ArrayRef<double> mean, at::ArrayRef<double> std, std::optional<at::ScalarType> dtype) {
-  const Norm norm = check_inputs(images, params, size, blur_kernel, mean, std, dtype);
+at::Tensor augment_cuda(const at::Tensor& images, const at::Tensor& params, int64_t size, at::ArrayRef<double> mean,
+                        at::ArrayRef<double> std, int64_t blur_kernel, std::optional<at::ScalarType> dtype) {
+  const Norm norm = check_inputs(images, params, size, mean, std, blur_kernel, dtype);
   TORCH_CHECK(images.is_cuda(), "medssl::augment (CUDA kernel): images must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(images.device());
   const int64_t V = params.size(0), B = images.size(0), C = images.size(1);

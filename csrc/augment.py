@@ -227,7 +227,14 @@ def load_op(verbose=False):
 def _register_fake():
     # a shape-only kernel so torch.compile / FakeTensor tracing can see through the op
     @torch.library.register_fake("medssl::augment")
-    def _(images, params, size, blur_kernel, mean, std, dtype=None):
+    def _(images, params, size, mean, std, blur_kernel, dtype=None):
+        # the checks the kernels make that need no values: shapes, dtypes, sizes (augment.cpp, check_inputs)
+        torch._check(images.dtype == torch.uint8 and images.dim() == 4, lambda: "images must be uint8 N x C x H x W")
+        torch._check(images.shape[1] in (1, 3), lambda: "images must have 1 or 3 channels")
+        torch._check(params.dtype == torch.float32 and params.dim() == 3 and params.shape[1] == images.shape[0]
+                     and params.shape[2] == P, lambda: f"params must be float32 (V, {images.shape[0]}, {P})")
+        torch._check(size >= 1 and blur_kernel % 2 == 1 and blur_kernel // 2 < size, lambda: "bad size or blur_kernel")
+        torch._check(len(mean) == images.shape[1] and len(std) == images.shape[1], lambda: "one mean/std per channel")
         return images.new_empty((params.shape[0], params.shape[1], images.shape[1], size, size),
                                 dtype=dtype or torch.float32)
 
@@ -257,6 +264,6 @@ def augment(images, params, size, mean, std, blur_kernel=None, dtype=torch.float
             check_inputs(images, params, size, mean, std, blur_kernel)
             if params.device.type == "cpu":  # free here; CUDA params were checked where they were drawn
                 check_params(params, *images.shape[2:])
-            return op(images.contiguous(), params.contiguous(), size, blur_kernel,
-                      [float(m) for m in mean], [float(s) for s in std], dtype)
+            return op(images.contiguous(), params.contiguous(), size, [float(m) for m in mean],
+                      [float(s) for s in std], blur_kernel, dtype)
     return augment_reference(images, params, size, mean, std, blur_kernel).to(dtype)

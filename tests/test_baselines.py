@@ -36,7 +36,7 @@ def weights_file(tmp_path):
 
 def test_gray_backbone_equals_torchvision_on_an_rgb_copy(weights_file):
     path, ref = weights_file
-    net, dim = common.make_backbone("resnet18", 1, 64, imagenet=evaluate.imagenet_weights("resnet18", str(path)))
+    net, dim = evaluate.imagenet_backbone("resnet18", 1, 64, evaluate.imagenet_weights("resnet18", str(path)))
     ref.fc = torch.nn.Identity()
     net.eval(), ref.eval()
     x = torch.rand(3, 1, 28, 28)
@@ -45,7 +45,7 @@ def test_gray_backbone_equals_torchvision_on_an_rgb_copy(weights_file):
         got = net(x)
     assert dim == 512 and got.shape == (3, 512)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
-    rgb, _ = common.make_backbone("resnet18", 3, 64, imagenet=evaluate.imagenet_weights("resnet18", str(path)))
+    rgb, _ = evaluate.imagenet_backbone("resnet18", 3, 64, evaluate.imagenet_weights("resnet18", str(path)))
     assert torch.equal(rgb[1].conv1.weight, ref.conv1.weight)
 
 
@@ -80,7 +80,7 @@ def test_bad_weights_files_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="r50.pth: not torchvision resnet18 weights"):
         evaluate.imagenet_weights("resnet18", str(other))
     with pytest.raises(ValueError, match="ImageNet weights take 1 or 3 channels"):
-        common.make_backbone("resnet50", 2, 64, imagenet=evaluate.imagenet_weights("resnet50", str(other)))
+        evaluate.imagenet_backbone("resnet50", 2, 64, evaluate.imagenet_weights("resnet50", str(other)))
 
 
 def test_evaluate_script_imagenet_and_supervised(weights_file, tmp_path):

@@ -70,6 +70,6 @@ def test_the_op_inside_a_fullgraph_compiled_function():
     params = common.sample_params(4, 28, 28, 1, g, views=(common.ViewProbs(),) * 2)
 
     def f(images, params):
-        return op(images, params, 28, 3, [0.5], [0.2]).mean(dim=(2, 3, 4)) * 2
+        return op(images, params, 28, [0.5], [0.2], 3).mean(dim=(2, 3, 4)) * 2
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(images, params)
     assert torch.allclose(got, f(images, params))

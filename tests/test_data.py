@@ -236,3 +236,19 @@ def test_real_chest_xray_folder(real_data_dir, tmp_path):
     assert ds["channels"] == 1 and ds["n_classes"] == 2  # gray X-rays stored as RGB JPEGs stay 1 channel
     assert len(ds["test"][1]) == 624 and len(ds["train"][1]) + len(ds["val"][1]) == 2682
     assert torch.bincount(ds["val"][1]).tolist() == [134, 134]  # 10% of each class, stratified
+
+
+def test_channel_stats_in_chunks_match_the_whole_set_formula():
+    x = torch.randint(0, 256, (1000, 3, 9, 9), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    mean, std = common.channel_stats(x, chunk=300)  # 300 does not divide 1000: a ragged last chunk
+    xf = x.float().div(255).transpose(0, 1).flatten(1)
+    assert torch.allclose(torch.tensor(mean, dtype=torch.float64), xf.mean(1).double(), atol=1e-6)
+    assert torch.allclose(torch.tensor(std, dtype=torch.float64), xf.std(1).double(), atol=1e-6)
+
+
+def test_host_data_keeps_the_same_arrays(npz_dir):
+    """--host-data: on a GPU the images stay in pinned host memory (the GPU script runs that path); on the CPU it
+    is the same data, and the identity a resume compares does not change."""
+    a = common.load_dataset("pneumonia", 28, str(npz_dir))
+    b = common.load_dataset("pneumonia", 28, str(npz_dir), host=True)
+    assert a["id"] == b["id"] and all(torch.equal(a[s][0], b[s][0]) for s in common.SPLITS)

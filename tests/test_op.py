@@ -37,7 +37,7 @@ def test_op_matches_reference(op, device, C, H, W, size):
     images, params = batch(24, C, H, W, seed=H * 10 + C, device=device)
     mean, std = [0.45, 0.5, 0.55][:C], [0.2, 0.25, 0.3][:C]
     k = blur_kernel_size(size)
-    got = op(images, params, size, k, mean, std)
+    got = op(images, params, size, mean, std, k)
     want = augment_reference(images.cpu(), params.cpu(), size, mean, std, k)
     assert got.shape == want.shape and got.dtype == torch.float32 and got.device.type == device
     err = (got.cpu() - want).abs().max().item()
@@ -58,7 +58,7 @@ def test_op_edge_cases(op, device):
         p[0, b, [TOP, LEFT, HEIGHT, WIDTH]] = torch.tensor(box, dtype=torch.float32)
         p[1, b] = torch.tensor([*box, 1, 1, 1.3, 0.6, 1.4, 0.1 - 0.04 * b, 1, 1, 1e-3 if b == 3 else 2.0, 1])
     mean, std = [0.5] * 3, [0.5] * 3
-    got = op(images.to(device), p.to(device), H, 5, mean, std).cpu()
+    got = op(images.to(device), p.to(device), H, mean, std, 5).cpu()
     want = augment_reference(images, p, H, mean, std, 5)
     assert (got - want).abs().max() <= TOL[device]
     assert torch.allclose(got[0, 0], (images[0].float() / 255 - 0.5) / 0.5, atol=1e-6)  # identity view
@@ -70,12 +70,12 @@ def test_op_bfloat16_output(op, device, C):
     """dtype=bfloat16: the same float32 arithmetic, rounded once at the store (<= 1 bf16 ulp from the reference)."""
     images, params = batch(16, C, 40, 40, seed=5 + C, device=device)
     mean, std = [0.5] * C, [0.2] * C
-    got = op(images, params, 40, 5, mean, std, torch.bfloat16)
+    got = op(images, params, 40, mean, std, 5, torch.bfloat16)
     want = augment_reference(images.cpu(), params.cpu(), 40, mean, std, 5)
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     err = (got.cpu().float() - want).abs()
     assert (err <= 2 ** -8 * want.abs() + 1e-4).all(), err.max()
-    fp32 = op(images, params, 40, 5, mean, std)
+    fp32 = op(images, params, 40, mean, std, 5)
     if device == "cpu":
         assert torch.equal(got, fp32.to(torch.bfloat16))  # same float32 result, rounded to nearest even once
     else:  # nvcc may fuse multiply-adds differently in the two instantiations: the float32 values can differ in
@@ -86,24 +86,24 @@ def test_op_bfloat16_output(op, device, C):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(op, device):
     images, params = batch(4, 3, 28, 28, seed=0, device=device)
-    torch.library.opcheck(op, (images, params, 28, 3, [0.5, 0.5, 0.5], [0.2, 0.2, 0.2]))
+    torch.library.opcheck(op, (images, params, 28, [0.5, 0.5, 0.5], [0.2, 0.2, 0.2], 3))
     images, params = batch(3, 1, 33, 33, seed=1, device=device)
-    torch.library.opcheck(op, (images, params, 17, 3, [0.5], [0.2]))
-    torch.library.opcheck(op, (images, params, 17, 3, [0.5], [0.2], torch.bfloat16))
+    torch.library.opcheck(op, (images, params, 17, [0.5], [0.2], 3))
+    torch.library.opcheck(op, (images, params, 17, [0.5], [0.2], 3, torch.bfloat16))
 
 
 def test_op_draws_no_random_numbers(op):
     images, params = batch(8, 3, 28, 28, seed=2)
     torch.manual_seed(0)
-    a = op(images, params, 28, 3, [0.5] * 3, [0.2] * 3)
+    a = op(images, params, 28, [0.5] * 3, [0.2] * 3, 3)
     state = torch.get_rng_state()
-    b = op(images, params, 28, 3, [0.5] * 3, [0.2] * 3)
+    b = op(images, params, 28, [0.5] * 3, [0.2] * 3, 3)
     assert torch.equal(a, b) and torch.equal(state, torch.get_rng_state())
 
 
 def test_op_rejects_bad_arguments(op):
     images, params = batch(4, 1, 28, 28, seed=0)
-    ok = (28, 3, [0.5], [0.2])
+    ok = (28, [0.5], [0.2], 3)
     cases = [
         ((images.float(), params, *ok), "images must be uint8"),
         ((images[0], params, *ok), "images must be N x C x H x W"),
@@ -112,11 +112,11 @@ def test_op_rejects_bad_arguments(op):
         ((images.transpose(2, 3), params, *ok), "contiguous"),
         ((images, params.double(), *ok), "params must be float32"),
         ((images, params[:, :2], *ok), r"params must be \(V, 4, 14\)"),
-        ((images, params, 0, 3, [0.5], [0.2]), "size must be >= 1"),
-        ((images, params, 28, 4, [0.5], [0.2]), "blur_kernel must be odd"),
-        ((images, params, 28, 3, [0.5, 0.5], [0.2, 0.2]), "mean and std need 1 entries"),
-        ((images, params, 28, 3, [0.5], [0.0]), "std must be > 0"),
-        ((images, params, 28, 3, [0.5], [0.2], torch.float16), "dtype must be float32 or bfloat16"),
+        ((images, params, 0, [0.5], [0.2], 3), "size must be >= 1"),
+        ((images, params, 28, [0.5], [0.2], 4), "blur_kernel must be odd"),
+        ((images, params, 28, [0.5, 0.5], [0.2, 0.2], 3), "mean and std need 1 entries"),
+        ((images, params, 28, [0.5], [0.0], 3), "std must be > 0"),
+        ((images, params, 28, [0.5], [0.2], 3, torch.float16), "dtype must be float32 or bfloat16"),
     ]
     for args, match in cases:
         with pytest.raises(RuntimeError, match=match):
@@ -127,10 +127,11 @@ def test_op_rejects_bad_arguments(op):
 def test_op_rejects_device_mismatch(op):
     images, params = batch(4, 1, 28, 28, seed=0)
     with pytest.raises(RuntimeError, match="params on"):
-        op(images.cuda(), params, 28, 3, [0.5], [0.2])
+        op(images.cuda(), params, 28, [0.5], [0.2], 3)
 
 
 def test_dispatch_uses_op_and_falls_back_with_one_warning(op, monkeypatch):
+    monkeypatch.delenv("MEDSSL_REQUIRE_OP", raising=False)  # make gpu-check sets it; this test wants the fallback
     images, params = batch(4, 1, 28, 28, seed=3)
     args = (images, params, 28, [0.5], [0.2])
     assert torch.allclose(aug.augment(*args), augment_reference(*args), atol=TOL["cpu"])
@@ -179,7 +180,7 @@ for field, value, extra in cases:
     res = {}
     for name, call in (("reference", lambda: aug.augment_reference(images, p, 28, [0.0], [1.0])),
                        ("wrapper", lambda: aug.augment(images, p, 28, [0.0], [1.0])),
-                       ("op", lambda: op(images.to(device), p.to(device), 28, 3, [0.0], [1.0]))):
+                       ("op", lambda: op(images.to(device), p.to(device), 28, [0.0], [1.0], 3))):
         try:
             y = call()
             if device == "cuda":
@@ -222,3 +223,16 @@ def test_valid_params_pass_and_sample_params_checks_its_output():
         aug.check_params(common.sample_params(64, H, W, 3, g, views=VIEWS), H, W)  # no error
     with pytest.raises(ValueError, match=r"params\[0, 0, BRIGHT\] = nan: expected a finite number"):
         common.sample_params(4, 28, 28, 1, g, views=VIEWS, strength=(float("nan"), 0.4, 0.4, 0.1))
+
+
+def test_fake_kernel_checks_shapes_and_gives_the_output_shape(op):
+    """What torch.compile / FakeTensor tracing sees: the output shape, and the shape errors the kernels raise."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        images = torch.empty(4, 3, 30, 30, dtype=torch.uint8)
+        out = op(images, torch.empty(2, 4, P), 17, [0.5] * 3, [0.2] * 3, 3, torch.bfloat16)
+        assert out.shape == (2, 4, 3, 17, 17) and out.dtype == torch.bfloat16
+        with pytest.raises(RuntimeError, match=r"params must be float32 \(V, 4, 14\)"):
+            op(images, torch.empty(2, 5, P), 17, [0.5] * 3, [0.2] * 3, 3)
+        with pytest.raises(RuntimeError, match="one mean/std per channel"):
+            op(images, torch.empty(2, 4, P), 17, [0.5], [0.2], 3)

@@ -277,3 +277,10 @@ def test_data_may_be_an_npz_path_validated_like_the_official_files(tmp_path):
         common.load_dataset(str(tmp_path / "broken.npz"))
     with mock.patch.object(common, "find_medmnist", side_effect=AssertionError("looked up as a flag")):
         common.load_dataset(str(tmp_path / "mine.npz"))
+
+
+def test_reproduce_refuses_epochs_zero_instead_of_using_the_presets(capsys):
+    import reproduce
+    for flag in ("--epochs", "--batch-size", "--jobs"):
+        with pytest.raises(SystemExit, match=f"{flag} 0: expected a positive number"):
+            reproduce.main([flag, "0"])
