@@ -19,8 +19,9 @@ venv: $(VENV)/.stamp
 test: $(VENV)/.stamp
 	$(PY) -m pytest -q tests
 
+# --resume: a second `make run` continues (or, when finished, re-evaluates) the same run instead of refusing its folder
 run: $(VENV)/.stamp
-	$(PY) simclr.py --data pneumonia --epochs 10 --warmup-epochs 1
+	$(PY) simclr.py --data pneumonia --epochs 10 --warmup-epochs 1 --resume
 
 # the paper's study (reproduce.py): PRESET=cpu (<= 45 min on 2 cores) or PRESET=paper (a GPU); more in ARGS,
 # e.g. make reproduce ARGS="--folders ../shared/data/chest_xray_224". Finished runs are skipped on a rerun.
