@@ -214,8 +214,9 @@ def gather(x):
 
 def distribute(model):
     """torchrun on GPUs: batch norm over the global batch (SyncBatchNorm, which PyTorch provides on CUDA only; CPU
-    ranks keep per-rank statistics). One process: model itself."""
-    if WORLD > 1 and next(model.parameters()).is_cuda:
+    ranks keep per-rank statistics). Converted under any torchrun (with one GPU it computes plain BN, but the
+    1-GPU smoke run then covers the conversion). Without torchrun: model itself."""
+    if dist.is_initialized() and next(model.parameters()).is_cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
