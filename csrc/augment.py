@@ -30,6 +30,7 @@ neither kernel reads outside its image: they clamp the box where they form indic
 import os
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -72,7 +73,17 @@ def check_params(params, H, W):
     One pass of vector compares; on a CUDA tensor it costs a host sync, so the training loop checks the params
     on the CPU where they are drawn (common.sample_params) and the op's CUDA path relies on the kernel's clamp.
     """
-    p = params.detach()
+    p = params.detach().cpu()
+    q = p.numpy()  # numpy: a few microseconds per op on these small arrays, where torch dispatch costs tens
+    top, left, h, w = q[..., TOP], q[..., LEFT], q[..., HEIGHT], q[..., WIDTH]
+    flags = q[..., [FLIP, JITTER, GRAY, BLUR, SOLARIZE]]
+    with np.errstate(invalid="ignore"):  # NaN compares False: exactly what the rules want
+        ok = (np.isfinite(q).all() and (q[..., :4] == np.floor(q[..., :4])).all() and (h >= 1).all()
+              and (w >= 1).all() and (top >= 0).all() and (left >= 0).all() and (top + h <= H).all()
+              and (left + w <= W).all() and ((flags == 0) | (flags == 1)).all()
+              and ((q[..., BLUR] == 0) | (q[..., SIGMA] > 0)).all())
+    if ok:  # the usual case; below, rule by rule only to name the first row and rule that broke
+        return
     box = lambda col, lo, hi: (p[..., col] >= lo) & (p[..., col] <= hi)
     flag = lambda col: (p[..., col] == 0) | (p[..., col] == 1)
     rules = [(col, torch.isfinite(p[..., col]), "a finite number") for col in range(P)]
