@@ -156,14 +156,16 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
     assert path.read_bytes() == good and os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
-def test_written_files_get_the_mode_open_would_give(tmp_path):
-    old = os.umask(0o022)
-    try:
-        common.atomic_write(str(tmp_path / "a.pt"), lambda tmp: torch.save({"x": 1}, tmp))
-        common.write_json(str(tmp_path / "b.json"), {})
-    finally:
-        os.umask(old)
-    assert all((tmp_path / f).stat().st_mode & 0o777 == 0o644 for f in ("a.pt", "b.json"))
+def test_written_files_get_the_mode_open_would_give(tmp_path, monkeypatch):
+    """mkstemp makes 0600 files; renamed into place they must get 0666 & ~umask, as open() would."""
+    for umask, mode in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
+        monkeypatch.setattr(common, "_UMASK", umask)  # the process umask, read once at import
+        common.atomic_write(str(tmp_path / f"a{umask}.pt"), lambda tmp: torch.save({"x": 1}, tmp))
+        common.write_json(str(tmp_path / f"b{umask}.json"), {})
+        assert all((tmp_path / f).stat().st_mode & 0o777 == mode for f in (f"a{umask}.pt", f"b{umask}.json"))
+    r = subprocess.run([sys.executable, "-c", "import common, os; print(oct(common._UMASK), oct(os.umask(0)))"],
+                       cwd=ROOT, text=True, capture_output=True, preexec_fn=lambda: os.umask(0o027), timeout=120)
+    assert r.stdout.strip() == "0o27 0o27"  # common reads the process's umask at import and leaves it as it was
 
 
 # ------------------------------------------------------------------------------------------------ reproduce
