@@ -142,8 +142,8 @@ def prepare_run(args, method):
 def _check_run_folder(out, args, method):
     os.makedirs(out, exist_ok=True)
     for tmp in glob.glob(os.path.join(glob.escape(out), "*.tmp")):
-        if os.path.basename(tmp).split(".")[0] in ("checkpoint", "metrics", "results", "eval"):
-            os.remove(tmp)  # only what atomic_write makes: <name>.<random>.tmp
+        if os.path.basename(tmp).rsplit(".", 2)[0] in RUN_FILES:
+            os.remove(tmp)  # only what atomic_write makes of a run file: <name>.<random>.tmp
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if found and args.overwrite:
         for f in found:

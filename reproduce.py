@@ -126,10 +126,9 @@ def run_one(model, data, size, seed, cfg, cli, run_it=True):
     key = f"{model}-{name}-s{seed}"
     # the folder name carries a hash of the run's command (minus where it writes), so a finished run is reused
     # only by the very same configuration; any other setting runs in a folder of its own
-    cmd = command(model, data, size, seed, cfg, "RUN", cli)
-    config = " ".join(a for a in cmd[2:] if a not in ("RUN", "--resume"))
+    config = " ".join(a for a in command(model, data, size, seed, cfg, "", cli)[2:] if a != "--resume")
     run = os.path.join(cli.runs, f"{key}-{hashlib.sha1(config.encode()).hexdigest()[:8]}")
-    cmd = [os.path.join(run, "results.json") if a == "RUN/results.json" else run if a == "RUN" else a for a in cmd]
+    cmd = command(model, data, size, seed, cfg, run, cli)
     done, info = os.path.join(run, "results.json"), os.path.join(run, "run.json")
     rec = {"model": model, "data": name, "seed": seed, "preset": cli.preset, "train_subset": cfg["subset"],
            "n_train": cfg["n_train"], "epochs": cfg["epochs"], "batch_size": cfg["batch_size"]}

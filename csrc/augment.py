@@ -272,9 +272,7 @@ def augment(images, params, size, mean, std, blur_kernel=None, dtype=torch.float
                 warnings.warn(f"{e}\nFalling back to the (slower) pure-PyTorch augment_reference.", stacklevel=2)
                 _warned = True
         else:
-            check_inputs(images, params, size, mean, std, blur_kernel)
-            if params.device.type == "cpu":  # free here; CUDA params were checked where they were drawn
-                check_params(params, *images.shape[2:])
+            check_inputs(images, params, size, mean, std, blur_kernel)  # the op checks CPU params' values itself
             return op(images.contiguous(), params.contiguous(), size, [float(m) for m in mean],
                       [float(s) for s in std], blur_kernel, dtype)
     return augment_reference(images, params, size, mean, std, blur_kernel).to(dtype)

@@ -245,10 +245,3 @@ def test_channel_stats_in_chunks_match_the_whole_set_formula():
     assert torch.allclose(torch.tensor(mean, dtype=torch.float64), xf.mean(1).double(), atol=1e-6)
     assert torch.allclose(torch.tensor(std, dtype=torch.float64), xf.std(1).double(), atol=1e-6)
 
-
-def test_host_data_keeps_the_same_arrays(npz_dir):
-    """--host-data: on a GPU the images stay in pinned host memory (the GPU script runs that path); on the CPU it
-    is the same data, and the identity a resume compares does not change."""
-    a = common.load_dataset("pneumonia", 28, str(npz_dir))
-    b = common.load_dataset("pneumonia", 28, str(npz_dir), host=True)
-    assert a["id"] == b["id"] and all(torch.equal(a[s][0], b[s][0]) for s in common.SPLITS)
