@@ -36,8 +36,8 @@ bench: $(VENV)/.stamp
 # gpu preset reads into gpu-data/ (git-ignored), which travels with the tree; then ARGS="--data-dir gpu-data".
 gpu-data: $(VENV)/.stamp
 	mkdir -p gpu-data
-	$(PY) -c "import common, os, shutil; [shutil.copyfile(p, os.path.join('gpu-data', os.path.basename(p))) \
-	  for p in (common.find_medmnist(f, s, '$(MEDSSL_DATA_DIR)') for f, s in (('pneumoniamnist', 28), ('breastmnist', 28), ('breastmnist', 64)))]"
+	$(PY) -c "import dataset, os, shutil; [shutil.copyfile(p, os.path.join('gpu-data', os.path.basename(p))) \
+	  for p in (dataset.find_medmnist(f, s, '$(MEDSSL_DATA_DIR)') for f, s in (('pneumoniamnist', 28), ('breastmnist', 28), ('breastmnist', 64)))]"
 	ls -l gpu-data
 
 # on a machine with a GPU: build the CUDA op, run the op tests (CUDA ones included) and the GPU benchmark

@@ -26,6 +26,8 @@ import torch.utils.flop_counter
 import torchvision.transforms.v2 as T
 
 import common
+import dataset
+import runs
 import simclr
 from csrc.augment import augment_reference, blur_kernel_size, load_op
 
@@ -71,8 +73,8 @@ def torchvision_pipeline(size, C, mean, std, scale=(0.08, 1.0), strength=0.4, bl
 
 def recipe_pipeline(size, C, mean, std):
     """torchvision's version of what the method files draw for this size (common.AUGMENT)."""
-    a = common.AUGMENT["small" if size <= 64 else "large"]
-    return torchvision_pipeline(size, C, mean, std, (a["min_scale"], 1.0), a["jitter"], bool(a["blur"]))
+    recipe = common.AUGMENT["small" if size <= 64 else "large"]
+    return torchvision_pipeline(size, C, mean, std, (recipe["min_scale"], 1.0), recipe["jitter"], bool(recipe["blur"]))
 
 
 def bench_augment(device, sizes, channels, B, repeats, contenders):
@@ -192,7 +194,7 @@ def bench_end_to_end(device, name, images, B, steps, workers, compile_modes):
     """images/s of SimCLR training, medssl's loop vs the conventional DataLoader pipeline, same model and batch."""
     N, C, _, size = images.shape
     B = min(B, N)
-    mean, std = common.channel_stats(images)
+    mean, std = dataset.channel_stats(images)
     rows = []
     # medssl: the whole uint8 set on the device, index slices, params drawn on the CPU, the fused op
     on_device = images.to(device)
@@ -274,7 +276,7 @@ def e2e_data(spec, data_dir):
     """PneumoniaMNIST-28 / BreastMNIST-64 train images from data_dir, else random images of the same shape."""
     flag, size, n = {"pneumonia": ("pneumoniamnist", 28, 4708), "breast64": ("breastmnist", 64, 546)}[spec]
     try:
-        return common.load_dataset(flag, size, data_dir)["train"][0], f"{flag}-{size}"
+        return dataset.load(flag, size, data_dir)["train"][0], f"{flag}-{size}"
     except (OSError, ValueError):
         g = torch.Generator().manual_seed(0)
         return torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8), f"random-{size} (n={n})"
@@ -300,31 +302,32 @@ def main():
     ap.add_argument("--data-dir", default=None, help="where the npz files are (default: $MEDSSL_DATA_DIR or ./data)")
     ap.add_argument("--profile", type=int, nargs="*", default=[], help="profile the medssl step at these sizes")
     ap.add_argument("--out", default="bench.json")
-    a = ap.parse_args()
+    cli = ap.parse_args()
     os.environ["MEDSSL_REQUIRE_OP"] = "1"  # a benchmark of the fallback would be a lie: fail instead
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine(), "cuda_device": None, "augment": [], "step": [],
               "copy_GB_per_s": {}, "e2e": [], "matmul_TFLOPs": {}}
-    for dev in a.devices:
+    for dev in cli.devices:
         device = torch.device(dev)
         if dev == "cuda":
             report["cuda_device"] = torch.cuda.get_device_name()
         report["copy_GB_per_s"][dev] = copy_bandwidth(device)
         contenders = ["op", "reference"] + (["tv-loop"] if dev == "cpu" else [])
-        report["augment"] += bench_augment(device, a.sizes, a.channels, a.batch, a.repeats, contenders)
-        step_size = a.step_size or (64 if dev == "cuda" else 28)
-        report["step"].append(bench_step(device, step_size, a.step_batch, max(1, a.repeats // 2 if dev == "cpu" else a.repeats)))
+        report["augment"] += bench_augment(device, cli.sizes, cli.channels, cli.batch, cli.repeats, contenders)
+        step_size = cli.step_size or (64 if dev == "cuda" else 28)
+        step_repeats = max(1, cli.repeats // 2 if dev == "cpu" else cli.repeats)
+        report["step"].append(bench_step(device, step_size, cli.step_batch, step_repeats))
         cuda = dev == "cuda"
         report["matmul_TFLOPs"][dev] = matmul_tflops(device)
         cores = os.cpu_count()
-        workers = a.workers or sorted({cores} | ({4, 8} if cuda else set()))
-        compile_modes = a.compile or (["none", "default", "reduce-overhead"] if cuda else ["none"])
+        workers = cli.workers or sorted({cores} | ({4, 8} if cuda else set()))
+        compile_modes = cli.compile or (["none", "default", "reduce-overhead"] if cuda else ["none"])
         report.setdefault("profile", [])
-        report["profile"] += [profile_step(device, s, a.e2e_batch or (256 if cuda else 16)) for s in a.profile]
-        for spec in a.e2e:
-            images, name = e2e_data(spec, a.data_dir)
-            report["e2e"] += bench_end_to_end(device, name, images, a.e2e_batch or (256 if cuda else 64),
-                                              a.e2e_steps or (20 if cuda else 3), workers, compile_modes)
+        report["profile"] += [profile_step(device, s, cli.e2e_batch or (256 if cuda else 16)) for s in cli.profile]
+        for spec in cli.e2e:
+            images, name = e2e_data(spec, cli.data_dir)
+            report["e2e"] += bench_end_to_end(device, name, images, cli.e2e_batch or (256 if cuda else 64),
+                                              cli.e2e_steps or (20 if cuda else 3), workers, compile_modes)
 
     print(f"torch {report['torch']}, {report['threads']} CPU threads, CUDA device: {report['cuda_device']}")
     print("copy bandwidth GB/s: " + ", ".join(f"{d} {v:.1f}" for d, v in report["copy_GB_per_s"].items()))
@@ -350,8 +353,8 @@ def main():
     for p in report.get("profile", []):
         busy = f", GPU busy {100 * p['gpu_busy']:.0f}% of the wall time" if p["gpu_busy"] is not None else ""
         print(f"profile ({p['device']}, {p['size']} px, batch {p['batch']}): {p['step_ms']:.1f} ms per step{busy}\n{p['top']}")
-    common.write_json(a.out, report)
-    print(f"wrote {a.out}")
+    runs.write_json(cli.out, report)
+    print(f"wrote {cli.out}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import torchvision
 
 import common
+import dataset
+import runs
 
 
 # ------------------------------------------------------------------------------------------------ features
@@ -169,7 +171,7 @@ def label_subset(y, fraction, seed):
     """Indices of a seeded, stratified `fraction` of the labels y: round(fraction * n_c) per class, at least one."""
     if not 0 < fraction <= 1:
         raise ValueError(f"label fraction {fraction}: expected 0 < fraction <= 1")
-    return common.stratified_sample(y.cpu(), fraction, torch.Generator().manual_seed(seed))[0].to(y.device)
+    return dataset.stratified_sample(y.cpu(), fraction, torch.Generator().manual_seed(seed))[0].to(y.device)
 
 
 def embed_2d(f, y, n=1000, seed=0):
@@ -186,8 +188,8 @@ def evaluate(backbone, ds, mean, std, fractions=(0.01, 0.1), seed=0, finetune_ep
     """Every protocol on the test split: {'knn': {...}, 'linear': {..., 'wd': chosen L2}}, for each label fraction
     f < 1 'linear_<f*100>pct' (the probe trained on a stratified f of the train labels), 'finetune' if
     finetune_epochs > 0, and 'embedding' (2-D PCA of the test features, for the figures)."""
-    f = {s: extract_features(backbone, ds[s][0], mean, std) for s in common.SPLITS}
-    y = {s: ds[s][1] for s in common.SPLITS}
+    f = {s: extract_features(backbone, ds[s][0], mean, std) for s in dataset.SPLITS}
+    y = {s: ds[s][1] for s in dataset.SPLITS}
     K = ds["n_classes"]
     test = lambda probs: {**metrics(y["test"], probs), "auc_ci95": bootstrap_auc(y["test"], probs, seed=seed)}
     k, val = knn_select(f["train"], y["train"], f["val"], y["val"], K)
@@ -361,7 +363,7 @@ def main(argv=None):
     ap.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune end to end for N epochs (0: skip)")
     cli = ap.parse_args(argv)
     device = common.get_device()
-    ckpt = common.load_checkpoint(cli.checkpoint) if cli.checkpoint else {"args": {}}
+    ckpt = runs.load_checkpoint(cli.checkpoint) if cli.checkpoint else {"args": {}}
     defaults = dict(data="pneumonia", size=28, data_dir="", arch="resnet18", seed=0, train_subset=0)
     pick = {k: ckpt["args"].get(k, v) if getattr(cli, k) is None else getattr(cli, k) for k, v in defaults.items()}
     data, size, arch, seed, data_dir, subset = (pick[k] for k in ("data", "size", "arch", "seed", "data_dir", "train_subset"))
@@ -372,9 +374,7 @@ def main(argv=None):
         weights = imagenet_weights(arch, cli.weights) if method == "imagenet" else None
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"evaluate.py --init imagenet: {e}") from e
-    ds = common.load_dataset(data, size, data_dir or None, seed, device)
-    if subset:
-        common.take_subset(ds, subset, seed)
+    ds = dataset.load(data, size, data_dir, seed, device, subset=subset)
     torch.manual_seed(seed)
     if weights is not None:
         backbone, dim = imagenet_backbone(arch, ds["channels"], cli.imagenet_size, weights)
@@ -387,7 +387,7 @@ def main(argv=None):
     else:
         out = cli.out or os.path.join("runs", f"{cli.init}-{ds['name']}-{size}-s{seed}", "results.json")
     backbone.to(device)
-    mean, std = common.channel_stats(ds["train"][0])
+    mean, std = dataset.channel_stats(ds["train"][0])
     res = {"method": method, "data": data, "size": size, "epochs": ckpt.get("epoch", 0) if cli.checkpoint else 0}
     if method == "supervised":  # same backbone, augmentation and epoch budget as the SSL methods, but with labels
         lr = cli.lr * cli.batch_size / 256  # the linear scaling rule, as in the method files
@@ -397,7 +397,7 @@ def main(argv=None):
     res.update(evaluate(backbone, ds, mean, std, seed=seed, finetune_epochs=cli.finetune_epochs))
     print_table({f"{method} ({ds['name']}, {size}px)": res})
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    common.write_json(out, res)
+    runs.write_json(out, res)
     print(f"wrote {out}")
     return res
 

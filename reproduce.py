@@ -30,7 +30,9 @@ import time
 import torch
 
 import common
+import dataset
 import evaluate
+import runs
 
 # A preset's `data` entries are MedMNIST flags or folders, "@64" picks another image size than the preset's `size`;
 # Published reference points for the table, kept here only (MedMNIST v2, Yang et al., Scientific Data 2023).
@@ -156,7 +158,7 @@ def run_one(model, data, size, seed, cfg, cli, run_it=True):
             reason = lines[-1] if lines else f"exit code {rc}"
             print(f"[fail] {key} after {wall:.0f} s: {reason}", flush=True)
             return {**rec, "status": "failed", "reason": reason, "wall_s": wall}
-        common.write_json(info, {"wall_s": wall, "command": " ".join(cmd[2:])})
+        runs.write_json(info, {"wall_s": wall, "command": " ".join(cmd[2:])})
         print(f"[done] {key} in {wall / 60:.1f} min", flush=True)
     with open(done) as f:
         rec["results"] = json.load(f)
@@ -172,7 +174,7 @@ STOP = threading.Event()  # set by a signal: start nothing new
 
 
 def stop(signum, frame):
-    """SIGTERM or Ctrl-C: pass SIGTERM to every running child (it saves nothing new and exits, see common.launch),
+    """SIGTERM or Ctrl-C: pass SIGTERM to every running child (it saves nothing new and exits, see runs.launch),
     start nothing new, and let the main thread unwind with KeyboardInterrupt."""
     STOP.set()
     for proc in list(RUNNING):
@@ -332,7 +334,7 @@ def write_table(records, datasets, cfg, cli, wall):
         lines.append(f"| {r['model']}-{r['data']}-s{r['seed']} | {status} | "
                      f"{'–' if wall_s is None else f'{wall_s / 60:.1f}'} |")
     path = os.path.join(cli.out, "RESULTS.md")
-    common.write_text(path, "\n".join(lines) + "\n")
+    runs.write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -358,7 +360,7 @@ def write_ablation(records, names, cli):
         lines += ["", f"Best val kNN AUC: {best('knn')}; best val linear AUC: {best('linear')}. In use for images of "
                   f"at most 64 px (`common.AUGMENT['small']`): {common.AUGMENT['small']}."]
     path = os.path.join(cli.out, "ABLATION.md")
-    common.write_text(path, "\n".join(lines) + "\n")
+    runs.write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -503,7 +505,7 @@ def main(argv=None):
         [m for m in ("imagenet",) if m in cli.baselines]  # ImageNet last: it may fail offline
     for spec in specs[:1] if cli.ablate else specs:
         data, size = parse_spec(spec, cfg["size"])
-        n_train = len(common.load_dataset(data, size, cli.data_dir or None, 0)["train"][1])
+        n_train = len(dataset.load(data, size, cli.data_dir or None, 0)["train"][1])
         run_cfg = {**cfg, "epochs": setting(cfg, "epochs", spec), "batch_size": setting(cfg, "batch_size", spec),
                    "n_train": n_train,  # a subset only where the split is larger (BreastMNIST's 546 are used whole)
                    "subset": cfg["train_subset"] if 0 < cfg["train_subset"] < n_train else 0}
@@ -519,8 +521,8 @@ def main(argv=None):
     def go(i):
         rec = run_one(*todo[i], run_it=i in mine)
         if rec["status"] != "pending" and not cli.ablate:
-            common.write_json(os.path.join(cli.out, "runs", f"{cli.preset}-{rec['model']}-{rec['data']}-"
-                                                            f"s{rec['seed']}.json"), rec)
+            runs.write_json(os.path.join(cli.out, "runs", f"{cli.preset}-{rec['model']}-{rec['data']}-"
+                                                          f"s{rec['seed']}.json"), rec)
         return rec
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, stop)

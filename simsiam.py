@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import dataset
 import evaluate
+import runs
 
 
 # ------------------------------------------------------------------------------------------------ 1. arguments
@@ -92,16 +94,14 @@ def loss_fn(p, z):
 # ------------------------------------------------------------------------------------------------ 3. setup
 def main(args):
     rank, world, device = common.init_distributed()  # torchrun: this process's rank and GPU (alone: 0, 1)
-    out, ckpt_path, log_path = common.prepare_run(args, METHOD)  # refuses a folder that holds another run
+    out, ckpt_path, log_path = runs.prepare_run(args, METHOD)  # refuses a folder that holds another run
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)  # CPU stream for batch order and augmentation params
 
-    ds = common.load_dataset(args.data, args.size, args.data_dir or None, args.seed, device, args.host_data)
-    if args.train_subset:
-        common.take_subset(ds, args.train_subset, args.seed)
+    ds = dataset.load(args.data, args.size, args.data_dir, args.seed, device, args.host_data, args.train_subset)
     images = ds["train"][0]  # uint8 (N, C, H, W) on the device (or in host memory): batches are index slices
     N, C, H, W = images.shape
-    mean, std = common.channel_stats(images)
+    mean, std = dataset.channel_stats(images)
     B = min(args.batch_size, N)
     steps = N // B  # drop the ragged last batch: BN and the loss want full batches
     mine = common.rank_slice(B)  # torchrun: this rank's rows of every global batch of B (alone: all of them)
@@ -125,7 +125,7 @@ def main(args):
                                      fixed_groups=(1,) if args.fix_pred_lr else ())
 
     # --resume: continue from the checkpoint, which must come from the same configuration; else start at epoch 0
-    start = common.restore_state(ckpt_path, args, METHOD, ds["id"], model, optimizer, scheduler, gen, log_path)
+    start = runs.restore_state(ckpt_path, args, METHOD, ds["id"], model, optimizer, scheduler, gen, log_path)
 
     # -------------------------------------------------------------------------------------------- 4. training loop
     bar = tqdm(total=args.epochs * steps, initial=start * steps, desc=METHOD, unit="step", disable=rank > 0)
@@ -161,17 +161,17 @@ def main(args):
                 raise SystemExit(f"{METHOD}: loss is {loss_value} at epoch {epoch + 1} step {step + 1}; stopped, "
                                  f"{kept}. Try a lower --lr.")
             img_per_s = B / (time.perf_counter() - t0)  # images of the global batch per second
-            common.log_jsonl(log_path, {"epoch": epoch, "step": epoch * steps + step, "train/loss": loss_value,
-                                        "train/lr": scheduler.get_last_lr()[0], "train/img_per_s": img_per_s,
-                                        "train/z_std": z_std})
+            runs.log_jsonl(log_path, {"epoch": epoch, "step": epoch * steps + step, "train/loss": loss_value,
+                                      "train/lr": scheduler.get_last_lr()[0], "train/img_per_s": img_per_s,
+                                      "train/z_std": z_std})
             bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{img_per_s:.0f}", epoch=epoch + 1)
             bar.update()
 
         if rank == 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):  # monitor: once
             knn = evaluate.knn_eval(backbone, ds, mean, std)
-            common.log_jsonl(log_path, {"epoch": epoch, "val/knn_acc": knn["acc"], "val/knn_auc": knn["auc"]})
+            runs.log_jsonl(log_path, {"epoch": epoch, "val/knn_acc": knn["acc"], "val/knn_auc": knn["auc"]})
             bar.write(f"epoch {epoch + 1}: val kNN acc {knn['acc']:.4f} auc {knn['auc']:.4f}")
-        common.save_state(ckpt_path, args, METHOD, ds["id"], epoch + 1, model, optimizer, scheduler, gen)
+        runs.save_state(ckpt_path, args, METHOD, ds["id"], epoch + 1, model, optimizer, scheduler, gen)
     bar.close()
 
     # -------------------------------------------------------------------------------------------- 5. evaluation
@@ -180,9 +180,9 @@ def main(args):
     results = {"method": METHOD, "data": args.data, "size": args.size, "epochs": args.epochs,
                **evaluate.evaluate(backbone, ds, mean, std, seed=args.seed, finetune_epochs=args.finetune_epochs)}
     evaluate.print_table({f"{METHOD} ({ds['name']}, {args.size}px)": results})
-    common.write_json(os.path.join(out, "results.json"), results)
+    runs.write_json(os.path.join(out, "results.json"), results)
     return results
 
 
 if __name__ == "__main__":
-    common.launch(main, Args, METHOD)  # parses and checks the args; Ctrl-C ends with a one-line note
+    runs.launch(main, Args, METHOD)  # parses and checks the args; Ctrl-C ends with a one-line note

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torchvision
 
 import common
+import dataset
 import evaluate
 import reproduce
 from conftest import ROOT, make_arrays
@@ -193,8 +194,8 @@ def test_table_cells_paired_differences_and_specs(tmp_path):
 
 def test_training_with_labels_stops_on_a_non_finite_loss(tmp_path):
     np.savez(tmp_path / "pneumoniamnist.npz", **make_arrays(n=(32, 8, 8), seed=1))
-    ds = common.load_dataset("pneumonia", 28, str(tmp_path))
-    mean, std = common.channel_stats(ds["train"][0])
+    ds = dataset.load("pneumonia", 28, str(tmp_path))
+    mean, std = dataset.channel_stats(ds["train"][0])
     net, _ = common.make_backbone("resnet18", 1, 28)
     with pytest.raises(FloatingPointError, match="cross-entropy loss is (nan|inf).*lower learning rate"):
         evaluate.finetune(net, torch.nn.Linear(512, 2), ds, mean, std, epochs=3, lr=1e30, backbone_lr_scale=1.0,

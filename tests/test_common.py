@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import runs
 
 
 @dataclasses.dataclass
@@ -46,13 +47,13 @@ def test_warmup_cosine_follows_its_formula():
 def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
     path = tmp_path / "ck" / "checkpoint.pt"
     state = {"epoch": 3, "model": {"w": torch.arange(4.0)}, "gen": torch.Generator().manual_seed(1).get_state()}
-    common.atomic_write(str(path), lambda tmp: torch.save(state, tmp))
+    runs.atomic_write(str(path), lambda tmp: torch.save(state, tmp))
     assert os.listdir(path.parent) == ["checkpoint.pt"]  # no temp file left behind
-    back = common.load_checkpoint(str(path), keys=("epoch", "model"))
+    back = runs.load_checkpoint(str(path), keys=("epoch", "model"))
     assert back["epoch"] == 3 and torch.equal(back["model"]["w"], state["model"]["w"])
     path.write_bytes(path.read_bytes()[:50])  # truncated
     with pytest.raises(ValueError, match="checkpoint.pt: not a readable medssl checkpoint"):
-        common.load_checkpoint(str(path))
+        runs.load_checkpoint(str(path))
 
 
 @pytest.mark.parametrize("clip_lr", [True, False])

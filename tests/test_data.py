@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import dataset
 from conftest import make_arrays
 
 
 def test_npz_loads_as_uint8_nchw_with_both_label_shapes(tmp_path):
     for shape in ("col", "flat"):
         np.savez(tmp_path / "breastmnist.npz", **make_arrays(label_shape=shape, seed=3))
-        ds = common.load_dataset("breast", 28, str(tmp_path))
+        ds = dataset.load("breast", 28, str(tmp_path))
         x, y = ds["train"]
         assert x.dtype == torch.uint8 and x.shape == (64, 1, 28, 28)
         assert y.dtype == torch.int64 and y.shape == (64,)
@@ -29,22 +29,22 @@ def test_rgb_npz_becomes_three_channels(tmp_path):
     arr = make_arrays(channels=3, n_classes=3)
     np.savez(tmp_path / "dermamnist_64.npz", **make_arrays(channels=3, n_classes=3, size=64))
     np.savez(tmp_path / "dermamnist.npz", **arr)
-    ds = common.load_dataset("dermamnist", 28, str(tmp_path))
+    ds = dataset.load("dermamnist", 28, str(tmp_path))
     assert ds["train"][0].shape == (64, 3, 28, 28) and ds["n_classes"] == 3
     assert np.array_equal(ds["train"][0].permute(0, 2, 3, 1).numpy(), arr["train_images"])
-    assert common.load_dataset("dermamnist", 64, str(tmp_path))["train"][0].shape == (64, 3, 64, 64)
+    assert dataset.load("dermamnist", 64, str(tmp_path))["train"][0].shape == (64, 3, 64, 64)
 
 
 def test_file_in_flag_subfolder_is_found(tmp_path):
     (tmp_path / "pneumoniamnist").mkdir()
     np.savez(tmp_path / "pneumoniamnist" / "pneumoniamnist.npz", **make_arrays())
-    assert len(common.load_dataset("pneumonia", 28, str(tmp_path))["test"][0]) == 16
+    assert len(dataset.load("pneumonia", 28, str(tmp_path))["test"][0]) == 16
 
 
 def _bad(tmp_path, arrays, match, exc=(ValueError, TypeError, KeyError)):
     np.savez(tmp_path / "pneumoniamnist.npz", **arrays)
     with pytest.raises(exc, match=match) as e:
-        common.load_dataset("pneumonia", 28, str(tmp_path))
+        dataset.load("pneumonia", 28, str(tmp_path))
     assert "pneumoniamnist.npz" in str(e.value)  # the error names the file
 
 
@@ -95,26 +95,26 @@ def test_truncated_npz(tmp_path):
     data = (tmp_path / "full.npz").read_bytes()
     (tmp_path / "pneumoniamnist.npz").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="pneumoniamnist.npz: not a readable npz"):
-        common.load_dataset("pneumonia", 28, str(tmp_path))
+        dataset.load("pneumonia", 28, str(tmp_path))
 
 
 def test_wrong_size_for_file(tmp_path):
     np.savez(tmp_path / "pneumoniamnist_64.npz", **make_arrays(size=28))
     with pytest.raises(ValueError, match="expected --size 64"):
-        common.load_dataset("pneumonia", 64, str(tmp_path))
+        dataset.load("pneumonia", 64, str(tmp_path))
 
 
 def test_unknown_flag_and_size():
     with pytest.raises(ValueError, match="not a MedMNIST 2D flag"):
-        common.load_dataset("nosuchmnist", 28, "/nonexistent")
+        dataset.load("nosuchmnist", 28, "/nonexistent")
     with pytest.raises(ValueError, match="--size 32"):
-        common.load_dataset("pneumonia", 32, "/nonexistent")
+        dataset.load("pneumonia", 32, "/nonexistent")
 
 
 def test_offline_download_error_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "ZENODO", "file:///nonexistent-medssl/{file}")
+    monkeypatch.setattr(dataset, "ZENODO", "file:///nonexistent-medssl/{file}")
     with pytest.raises(FileNotFoundError) as e:
-        common.load_dataset("pneumonia", 28, str(tmp_path))
+        dataset.load("pneumonia", 28, str(tmp_path))
     msg = str(e.value)
     assert "pneumoniamnist.npz" in msg and "file:///nonexistent-medssl/pneumoniamnist.npz" in msg
     assert str(tmp_path / "pneumoniamnist.npz") in msg
@@ -125,16 +125,16 @@ def test_download_checks_md5(tmp_path, monkeypatch):
     src = tmp_path / "server"
     src.mkdir()
     np.savez(src / "breastmnist.npz", **make_arrays())
-    monkeypatch.setattr(common, "ZENODO", f"file://{src}/{{file}}")
+    monkeypatch.setattr(dataset, "ZENODO", f"file://{src}/{{file}}")
     dest = tmp_path / "data"
     # the official checksum does not match this synthetic file: refused, and nothing is left behind
     with pytest.raises(FileNotFoundError, match="MD5"):
-        common.load_dataset("breast", 28, str(dest))
+        dataset.load("breast", 28, str(dest))
     assert not any(dest.iterdir())
     # with the matching checksum the same download is accepted, renamed into place, and loads
     md5 = hashlib.md5((src / "breastmnist.npz").read_bytes()).hexdigest()
-    monkeypatch.setitem(common.MEDMNIST_MD5, "breastmnist", (md5,) * 4)
-    assert common.load_dataset("breast", 28, str(dest))["train"][0].shape == (64, 1, 28, 28)
+    monkeypatch.setitem(dataset.MEDMNIST_MD5, "breastmnist", (md5,) * 4)
+    assert dataset.load("breast", 28, str(dest))["train"][0].shape == (64, 1, 28, 28)
     assert sorted(os.listdir(dest)) == ["breastmnist.npz"]
 
 
@@ -155,8 +155,8 @@ def test_flat_class_folders_are_split_stratified(tmp_path):
     _write_images(root / "ADIPOSE", 20, gray=False, value=0)
     _write_images(root / "TUMOR", 30, gray=False, value=150)
     cache = tmp_path / "cache"
-    ds = common.load_dataset(str(root), 28, str(cache), seed=1)
-    counts = {s: torch.bincount(ds[s][1], minlength=2).tolist() for s in common.SPLITS}
+    ds = dataset.load(str(root), 28, str(cache), seed=1)
+    counts = {s: torch.bincount(ds[s][1], minlength=2).tolist() for s in dataset.SPLITS}
     assert counts["test"] == [4, 6]  # 20% of each class
     assert counts["val"] == [2, 2]  # 10% of the remaining 16 / 24, rounded
     assert counts["train"] == [14, 22]
@@ -166,8 +166,8 @@ def test_flat_class_folders_are_split_stratified(tmp_path):
     assert x[y == 1].float().mean() > x[y == 0].float().mean() + 100
     # cached: the second load of the unchanged folder decodes nothing
     assert len(os.listdir(cache)) == 1 and os.listdir(cache)[0].startswith("kather_28_s1_")
-    with mock.patch.object(common.Image, "open", side_effect=AssertionError("decoded again")):
-        again = common.load_dataset(str(root), 28, str(cache), seed=1)
+    with mock.patch.object(dataset.Image, "open", side_effect=AssertionError("decoded again")):
+        again = dataset.load(str(root), 28, str(cache), seed=1)
     assert torch.equal(again["test"][0], ds["test"][0])
 
 
@@ -176,9 +176,9 @@ def test_split_folders_gray_stays_one_channel(tmp_path):
     for split, n in (("train", 10), ("test", 4)):
         _write_images(root / split / "NORMAL", n, gray=True, value=0)
         _write_images(root / split / "PNEUMONIA", n, gray=True, value=100)
-    ds = common.load_dataset(str(root), 28, str(tmp_path / "c"))
+    ds = dataset.load(str(root), 28, str(tmp_path / "c"))
     assert ds["channels"] == 1
-    assert [len(ds[s][1]) for s in common.SPLITS] == [18, 2, 8]  # val carved from train only; test kept
+    assert [len(ds[s][1]) for s in dataset.SPLITS] == [18, 2, 8]  # val carved from train only; test kept
 
 
 def test_unreadable_image_is_named(tmp_path):
@@ -187,7 +187,7 @@ def test_unreadable_image_is_named(tmp_path):
     _write_images(root / "B", 3, gray=True, value=0)
     (root / "B" / "broken.png").write_bytes(b"this is not a png")
     with pytest.raises(ValueError, match="broken.png: unreadable image"):
-        common.load_dataset(str(root), 28, str(tmp_path / "c"))
+        dataset.load(str(root), 28, str(tmp_path / "c"))
 
 
 def test_truncated_jpeg_is_named(tmp_path):
@@ -198,7 +198,7 @@ def test_truncated_jpeg_is_named(tmp_path):
     data = (root / "B" / "x.jpg").read_bytes()
     (root / "B" / "x.jpg").write_bytes(data[: len(data) // 3])
     with pytest.raises(ValueError, match="x.jpg: unreadable image"):
-        common.load_dataset(str(root), 28, str(tmp_path / "c"))
+        dataset.load(str(root), 28, str(tmp_path / "c"))
 
 
 def test_empty_class_folder_is_named(tmp_path):
@@ -207,32 +207,32 @@ def test_empty_class_folder_is_named(tmp_path):
     (root / "B").mkdir()
     (root / "B" / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match=r"B: class folder has no images"):
-        common.load_dataset(str(root), 28, str(tmp_path / "c"))
+        dataset.load(str(root), 28, str(tmp_path / "c"))
 
 
 def test_train_subset_is_seeded(npz_dir):
-    a = common.load_dataset("pneumonia", 28, str(npz_dir))
-    b = common.load_dataset("pneumonia", 28, str(npz_dir))
-    common.take_subset(a, 10, seed=5)
-    common.take_subset(b, 10, seed=5)
+    a = dataset.load("pneumonia", 28, str(npz_dir))
+    b = dataset.load("pneumonia", 28, str(npz_dir))
+    dataset.take_subset(a, 10, seed=5)
+    dataset.take_subset(b, 10, seed=5)
     assert torch.equal(a["train"][0], b["train"][0]) and len(a["train"][1]) == 10
     with pytest.raises(ValueError, match="--train-subset 999"):
-        common.take_subset(a, 999, seed=5)
+        dataset.take_subset(a, 999, seed=5)
 
 
 # ---------------------------------------------------------------------------------------------- real data
 def test_real_medmnist_files_load(real_data_dir):
-    pn = common.load_dataset("pneumonia", 28, real_data_dir)
-    assert [len(pn[s][1]) for s in common.SPLITS] == [4708, 524, 624]  # official split counts
+    pn = dataset.load("pneumonia", 28, real_data_dir)
+    assert [len(pn[s][1]) for s in dataset.SPLITS] == [4708, 524, 624]  # official split counts
     assert torch.bincount(pn["test"][1]).tolist() == [234, 390]
-    br = common.load_dataset("breast", 64, real_data_dir)  # (N, 1) labels, byte-identical official file
-    assert [len(br[s][1]) for s in common.SPLITS] == [546, 78, 156] and br["train"][0].shape[-1] == 64
-    assert common.md5sum(os.path.join(real_data_dir, "breastmnist", "breastmnist_64.npz")) == common.MEDMNIST_MD5["breastmnist"][1]
+    br = dataset.load("breast", 64, real_data_dir)  # (N, 1) labels, byte-identical official file
+    assert [len(br[s][1]) for s in dataset.SPLITS] == [546, 78, 156] and br["train"][0].shape[-1] == 64
+    assert dataset.md5sum(os.path.join(real_data_dir, "breastmnist", "breastmnist_64.npz")) == dataset.MEDMNIST_MD5["breastmnist"][1]
 
 
 def test_real_chest_xray_folder(real_data_dir, tmp_path):
     root = os.path.join(real_data_dir, "chest_xray_224")
-    ds = common.load_dataset(root, 28, str(tmp_path))
+    ds = dataset.load(root, 28, str(tmp_path))
     assert ds["channels"] == 1 and ds["n_classes"] == 2  # gray X-rays stored as RGB JPEGs stay 1 channel
     assert len(ds["test"][1]) == 624 and len(ds["train"][1]) + len(ds["val"][1]) == 2682
     assert torch.bincount(ds["val"][1]).tolist() == [134, 134]  # 10% of each class, stratified
@@ -240,7 +240,7 @@ def test_real_chest_xray_folder(real_data_dir, tmp_path):
 
 def test_channel_stats_in_chunks_match_the_whole_set_formula():
     x = torch.randint(0, 256, (1000, 3, 9, 9), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    mean, std = common.channel_stats(x, chunk=300)  # 300 does not divide 1000: a ragged last chunk
+    mean, std = dataset.channel_stats(x, chunk=300)  # 300 does not divide 1000: a ragged last chunk
     xf = x.float().div(255).transpose(0, 1).flatten(1)
     assert torch.allclose(torch.tensor(mean, dtype=torch.float64), xf.mean(1).double(), atol=1e-6)
     assert torch.allclose(torch.tensor(std, dtype=torch.float64), xf.std(1).double(), atol=1e-6)

@@ -96,12 +96,12 @@ def method_args(script, data_dir, out, *extra):
 WRAP = r"""
 import os, runpy, sys, torch
 sys.path.insert(0, os.path.dirname(sys.argv[1]))
-import common
-save = common.save_state
+import common, runs
+save = runs.save_state
 def save_state(path, args, method, data_id, epoch, model, *rest):
     save(path, args, method, data_id, epoch, model, *rest)
     torch.save(model.state_dict(), os.path.join(os.path.dirname(path), f"weights-rank{common.RANK}.pt.dbg"))
-common.save_state = save_state
+runs.save_state = save_state
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

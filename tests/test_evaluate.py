@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+import dataset
 import evaluate
 
 
@@ -133,8 +134,8 @@ def test_finetune_learns_a_visible_class_and_leaves_the_backbone_alone(tmp_path)
     import numpy as np
     from conftest import make_arrays
     np.savez(tmp_path / "pneumoniamnist.npz", **make_arrays(n=(96, 16, 64), seed=4))
-    ds = common.load_dataset("pneumonia", 28, str(tmp_path))
-    mean, std = common.channel_stats(ds["train"][0])
+    ds = dataset.load("pneumonia", 28, str(tmp_path))
+    mean, std = dataset.channel_stats(ds["train"][0])
     torch.manual_seed(0)
     net, dim = common.make_backbone("resnet18", 1, 28)
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -151,11 +152,11 @@ def test_lp_ft_starts_from_the_probe_and_reports_the_best_val_epoch(monkeypatch,
     import numpy as np
     from conftest import make_arrays
     np.savez(tmp_path / "pneumoniamnist.npz", **make_arrays(n=(32, 16, 24), seed=6))
-    ds = common.load_dataset("pneumonia", 28, str(tmp_path))
-    mean, std = common.channel_stats(ds["train"][0])
+    ds = dataset.load("pneumonia", 28, str(tmp_path))
+    mean, std = dataset.channel_stats(ds["train"][0])
     torch.manual_seed(0)
     net, _ = common.make_backbone("resnet18", 1, 28)
-    f = {s: evaluate.extract_features(net, ds[s][0], mean, std) for s in common.SPLITS}
+    f = {s: evaluate.extract_features(net, ds[s][0], mean, std) for s in dataset.SPLITS}
     probs, info, head = evaluate.linear_probe(f["train"], ds["train"][1], f["val"], ds["val"][1], f["test"], 2)
     # with a zero LR nothing moves: every epoch ties with epoch 0, the probe itself, whose test metrics these are
     m = evaluate.finetune(net, head, ds, mean, std, epochs=2, lr=0.0)

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 
 import common
+import dataset
+import runs
 from conftest import ROOT, make_arrays
 from test_train import command, run
 
@@ -101,7 +103,7 @@ def test_prepare_run_removes_only_its_own_stale_temp_files(tmp_path):
     stale = [out / "checkpoint.pt.k3j_x.tmp", out / "results.json.abc.tmp"]
     for f in stale + [out / "notes.tmp"]:
         f.write_bytes(b"x" * 100)
-    common.prepare_run(simclr.Args(out=str(out), resume=True), "simclr")
+    runs.prepare_run(simclr.Args(out=str(out), resume=True), "simclr")
     assert sorted(os.listdir(out)) == ["notes.tmp"]
 
 
@@ -147,9 +149,9 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"epoch": 1, "w": torch.ones(10)}, path)
     good = path.read_bytes()
-    script = ("import resource, sys, torch; sys.path.insert(0, sys.argv[1]); import common; "
+    script = ("import resource, sys, torch; sys.path.insert(0, sys.argv[1]); import runs; "
               "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
-              "common.atomic_write(sys.argv[2], lambda tmp: torch.save({'epoch': 2, 'w': torch.ones(100000)}, tmp))")
+              "runs.atomic_write(sys.argv[2], lambda tmp: torch.save({'epoch': 2, 'w': torch.ones(100000)}, tmp))")
     r = subprocess.run([sys.executable, "-c", script, ROOT, str(path)], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and f"no space left on device (or over the file-size limit) while writing {path}" in r.stderr
     assert "the previous checkpoint.pt is intact" in r.stderr
@@ -159,26 +161,26 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
 def test_written_files_get_the_mode_open_would_give(tmp_path, monkeypatch):
     """mkstemp makes 0600 files; renamed into place they must get 0666 & ~umask, as open() would."""
     for umask, mode in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
-        monkeypatch.setattr(common, "_UMASK", umask)  # the process umask, read once at import
-        common.atomic_write(str(tmp_path / f"a{umask}.pt"), lambda tmp: torch.save({"x": 1}, tmp))
-        common.write_json(str(tmp_path / f"b{umask}.json"), {})
+        monkeypatch.setattr(runs, "_UMASK", umask)  # the process umask, read once at import
+        runs.atomic_write(str(tmp_path / f"a{umask}.pt"), lambda tmp: torch.save({"x": 1}, tmp))
+        runs.write_json(str(tmp_path / f"b{umask}.json"), {})
         assert all((tmp_path / f).stat().st_mode & 0o777 == mode for f in (f"a{umask}.pt", f"b{umask}.json"))
-    r = subprocess.run([sys.executable, "-c", "import common, os; print(oct(common._UMASK), oct(os.umask(0)))"],
+    r = subprocess.run([sys.executable, "-c", "import runs, os; print(oct(runs._UMASK), oct(os.umask(0)))"],
                        cwd=ROOT, text=True, capture_output=True, preexec_fn=lambda: os.umask(0o027), timeout=120)
-    assert r.stdout.strip() == "0o27 0o27"  # common reads the process's umask at import and leaves it as it was
+    assert r.stdout.strip() == "0o27 0o27"  # runs reads the process's umask at import and leaves it as it was
 
 
 # ------------------------------------------------------------------------------------------------ reproduce
 def test_sigterm_to_reproduce_stops_its_child_and_says_how_to_resume(tiny_dir, tmp_path):
-    runs = tmp_path / "runs"
+    study = tmp_path / "runs"
     cmd = [sys.executable, "reproduce.py", "--preset", "cpu", "--data", "pneumonia", "--methods", "simclr",
-           "--baselines", "--epochs", "50", "--data-dir", str(tiny_dir), "--runs", str(runs), "--out",
+           "--baselines", "--epochs", "50", "--data-dir", str(tiny_dir), "--runs", str(study), "--out",
            str(tmp_path / "results")]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not list(runs.glob("*/metrics.jsonl")):
+    while time.time() < deadline and not list(study.glob("*/metrics.jsonl")):
         time.sleep(0.1)
-    wait_for_step(next(runs.glob("*/metrics.jsonl")))
+    wait_for_step(next(study.glob("*/metrics.jsonl")))
     p.send_signal(signal.SIGTERM)
     stdout, _ = p.communicate(timeout=120)
     assert p.returncode == 130 and "interrupted; stopped simclr-pneumonia-28-s0" in stdout, stdout[-2000:]
@@ -188,12 +190,12 @@ def test_sigterm_to_reproduce_stops_its_child_and_says_how_to_resume(tiny_dir, t
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if str(runs).encode() in f.read():
+                if str(study).encode() in f.read():
                     alive.append(pid)
         except OSError:
             pass
     assert not alive, f"children still running: {alive}"
-    log = next(runs.glob("*/log.txt")).read_text()
+    log = next(study.glob("*/log.txt")).read_text()
     assert "simclr: interrupted at epoch" in log
 
 
@@ -211,22 +213,22 @@ def test_folder_cache_is_keyed_by_path_and_content(tmp_path):
     a, b = tmp_path / "site1" / "ds", tmp_path / "site2" / "ds"
     _png_folder(a, ["x", "y"], 10)
     _png_folder(b, ["x", "y", "z"], 10, seed=1)
-    first = common.load_dataset(str(a), 16, str(cache))
-    second = common.load_dataset(str(b), 16, str(cache))  # same base name, another folder
+    first = dataset.load(str(a), 16, str(cache))
+    second = dataset.load(str(b), 16, str(cache))  # same base name, another folder
     assert first["n_classes"] == 2 and second["n_classes"] == 3 and len(os.listdir(cache)) == 2
     _png_folder(a, ["y", "w"], 20, seed=2)  # 20 more images in y (10 new names), and a class more
-    grown = common.load_dataset(str(a), 16, str(cache))
-    assert grown["n_classes"] == 3 and sum(len(grown[s][1]) for s in common.SPLITS) == 50
+    grown = dataset.load(str(a), 16, str(cache))
+    assert grown["n_classes"] == 3 and sum(len(grown[s][1]) for s in dataset.SPLITS) == 50
     for f in (a / "w").iterdir():  # delete that class again
         f.unlink()
     (a / "w").rmdir()
-    back = common.load_dataset(str(a), 16, str(cache))
-    assert back["n_classes"] == 2 and sum(len(back[s][1]) for s in common.SPLITS) == 30
+    back = dataset.load(str(a), 16, str(cache))
+    assert back["n_classes"] == 2 and sum(len(back[s][1]) for s in dataset.SPLITS) == 30
 
 
 def test_folder_decoding_shows_progress(tmp_path, capsys):
     _png_folder(tmp_path / "ds", ["a", "b"], 5)
-    common.load_dataset(str(tmp_path / "ds"), 16, str(tmp_path / "c"))
+    dataset.load(str(tmp_path / "ds"), 16, str(tmp_path / "c"))
     err = capsys.readouterr().err
     assert "decoding ds at 16 px" in err and "10/10" in err
 
@@ -241,9 +243,9 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     assert Image.open(root / "normal" / "0.png").mode.startswith("I;16")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        ds = common.load_dataset(str(root), 16, str(tmp_path / "c"))
+        ds = dataset.load(str(root), 16, str(tmp_path / "c"))
     assert any("scaled to 8 bits by their bit depth" in str(x.message) for x in w)
-    x = torch.cat([ds[s][0][ds[s][1] == 0] for s in common.SPLITS]).float()
+    x = torch.cat([ds[s][0][ds[s][1] == 0] for s in dataset.SPLITS]).float()
     assert (x == 255).float().mean() < 0.05 and abs(x.max().item() - 63840 / 257) <= 1.5  # not 99% white
 
 
@@ -260,25 +262,25 @@ def test_labels_must_be_0_to_k_minus_1_with_two_classes_or_more(tmp_path, labels
         arrays[f"{split}_labels"] = np.asarray(y, dtype=np.int64)[:, None]
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(ValueError) as e:
-        common.load_dataset(str(tmp_path / "bad.npz"))
+        dataset.load(str(tmp_path / "bad.npz"))
     assert message in str(e.value)
 
 
 def test_data_may_be_an_npz_path_validated_like_the_official_files(tmp_path):
     np.savez(tmp_path / "mine.npz", **make_arrays(n=(20, 6, 6)))
-    ds = common.load_dataset(str(tmp_path / "mine.npz"), 28, str(tmp_path / "unused"))
+    ds = dataset.load(str(tmp_path / "mine.npz"), 28, str(tmp_path / "unused"))
     assert ds["name"] == "mine" and len(ds["train"][1]) == 20 and ds["n_classes"] == 2
-    again = common.load_dataset(str(tmp_path / "mine.npz"), 28)
+    again = dataset.load(str(tmp_path / "mine.npz"), 28)
     assert again["id"] == ds["id"]  # the content identity a resume compares
     with pytest.raises(FileNotFoundError, match="no such .npz file"):
-        common.load_dataset(str(tmp_path / "missing.npz"))
+        dataset.load(str(tmp_path / "missing.npz"))
     arrays = make_arrays(n=(20, 6, 6))
     del arrays["val_labels"]
     np.savez(tmp_path / "broken.npz", **arrays)
     with pytest.raises(KeyError, match="missing key 'val_labels'"):
-        common.load_dataset(str(tmp_path / "broken.npz"))
-    with mock.patch.object(common, "find_medmnist", side_effect=AssertionError("looked up as a flag")):
-        common.load_dataset(str(tmp_path / "mine.npz"))
+        dataset.load(str(tmp_path / "broken.npz"))
+    with mock.patch.object(dataset, "find_medmnist", side_effect=AssertionError("looked up as a flag")):
+        dataset.load(str(tmp_path / "mine.npz"))
 
 
 def test_reproduce_refuses_epochs_zero_instead_of_using_the_presets(capsys):

@@ -1,0 +1,206 @@
+"""A run's folder and files, shared by the method files: launching a method (args checked, Ctrl-C reported), the run
+folder, atomic writes, the metrics log, and the checkpoint (save_state / restore_state own its keys), so a run can
+be killed at any point and resumed to the weights of an uninterrupted one. Under torchrun rank 0 alone writes.
+"""
+import dataclasses
+import errno
+import glob
+import json
+import os
+import signal
+import sys
+import tempfile
+
+import torch
+
+import common
+
+
+# ------------------------------------------------------------------------------------------------ launch, run folder
+def launch(main, cls, method):
+    """Parse and check the arguments, then main(args). Ctrl-C or SIGTERM end it with one line saying where it
+    stopped and how to resume (exit code 130), not a traceback."""
+    args = common.parse_args(cls)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (kill, a scheduler) becomes Ctrl-C
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)  # a second signal must not interrupt the message
+        out = run_dir(args, method)
+        rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+        last = next((r for r in reversed(rows) if "step" in r), None)
+        where = f"epoch {last['epoch'] + 1} (step {last['step'] + 1} of the run)" if last else "before the first step"
+        ckpt = os.path.join(out, "checkpoint.pt")
+        kept = (f"last checkpoint {ckpt} (epoch {torch.load(ckpt, mmap=True, weights_only=True)['epoch']})"
+                if os.path.exists(ckpt) else "no checkpoint yet")
+        print(f"\n{method}: interrupted at {where}; {kept}; rerun with --resume to continue", file=sys.stderr)
+        sys.exit(130)
+
+
+def run_dir(args, method):
+    name = os.path.basename(os.path.normpath(args.data)).removesuffix(".npz")
+    return args.out or os.path.join("runs", f"{method}-{name}-{args.size}-s{args.seed}")
+
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "results.json", "eval.json")
+
+
+def prepare_run(args, method):
+    """The run folder, made ready: the temp files of a killed save removed; a folder that holds another run refused
+    unless --resume (continue it) or --overwrite (delete its files first), so checkpoint, log and results of one
+    folder always belong to one run. Returns (out, checkpoint path, metrics path)."""
+    out = run_dir(args, method)
+    if common.RANK == 0:  # torchrun: rank 0 checks and cleans the folder while the others wait at the barrier below
+        _check_run_folder(out, args, method)
+    common.barrier()
+    return out, os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
+
+
+def _check_run_folder(out, args, method):
+    os.makedirs(out, exist_ok=True)
+    for tmp in glob.glob(os.path.join(glob.escape(out), "*.tmp")):
+        if os.path.basename(tmp).rsplit(".", 2)[0] in RUN_FILES:
+            os.remove(tmp)  # only what atomic_write makes of a run file: <name>.<random>.tmp
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if found and args.overwrite:
+        for f in found:
+            os.remove(os.path.join(out, f))
+    elif found and not args.resume:
+        raise SystemExit(f"{method}: {out} already holds a run ({', '.join(found)}). Pass --resume to continue it, "
+                         f"--overwrite to replace it, or a new --out.")
+
+
+# ------------------------------------------------------------------------------------------------ files, logs
+_UMASK = os.umask(0o022)  # the process umask; reading it means setting it, so put it straight back
+os.umask(_UMASK)
+
+
+def _write_failed_for_space(e):
+    """A full disk or the file-size limit (ulimit -f): OSError ENOSPC/EFBIG/EDQUOT, or torch.save's zip writer
+    failing mid-file ("[enforce fail at inline_container.cc] unexpected pos ...")."""
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or "inline_container" in str(e)
+
+
+def atomic_write(path, write):
+    """write(tmp) into a temp file beside path, then rename it over path: a reader never sees a half-written file,
+    and a failed or killed write leaves the previous file as it was. Temp files are named <name>.<random>.tmp
+    (prepare_run removes those a killed save left). The file gets the mode a plain open() would (mkstemp: 0600)."""
+    if common.RANK > 0:  # torchrun: rank 0 alone writes files
+        return
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if not _write_failed_for_space(e):
+            raise
+        kept = f"the previous {name} is intact" if os.path.exists(path) else "nothing was written"
+        raise OSError(errno.ENOSPC, f"no space left on device (or over the file-size limit) while writing {path}; "
+                                    f"{kept} ({type(e).__name__}: {e})") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
+
+
+def log_jsonl(path, row):
+    if common.RANK > 0:  # torchrun: rank 0 alone writes files
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path):
+    """The rows of a metrics.jsonl ([] if there is none); a last line cut short by a kill is dropped."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def trim_log(path, start_epoch):
+    """Keep the metrics rows of epochs before start_epoch (on resume: the epochs the checkpoint contains)."""
+    if os.path.exists(path):
+        write_text(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r.get("epoch", 0) < start_epoch))
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+STATE_KEYS = ("method", "args", "data_id", "epoch", "model", "optimizer", "scheduler", "gen", "torch_rng")
+# Args fields that do not change what is trained or measured (compile: the same math, compiled), so a
+# resumed run may give other values for these.
+# The data is compared by its content (ds["id"]), so --data pneumonia and --data path/to/pneumoniamnist.npz agree.
+FREE_ON_RESUME = ("data", "data_dir", "out", "eval_every", "resume", "overwrite", "compile", "host_data")
+
+
+def load_checkpoint(path, device="cpu", keys=("args", "model")):
+    """torch.load(weights_only=True) of a medssl checkpoint, with a clear error for anything else."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise ValueError(f"{path}: not a readable medssl checkpoint ({type(e).__name__}: {e})") from e
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a medssl checkpoint (missing keys {missing})")
+    return ckpt
+
+
+def save_state(path, args, method, data_id, epoch, model, optimizer, scheduler, gen):
+    """The checkpoint after `epoch` epochs: all a run needs to continue exactly (weights, optimizer and schedule,
+    both RNG streams), and the args and data identity that restore_state compares. torchrun: every rank calls it;
+    rank 0's BN statistics go to every rank first (as DDP's broadcast_buffers), then rank 0 writes."""
+    common.broadcast_buffers(model)
+    state = {"method": method, "args": dataclasses.asdict(args), "data_id": data_id, "epoch": epoch,
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "gen": gen.get_state(), "torch_rng": torch.get_rng_state()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def restore_state(path, args, method, data_id, model, optimizer, scheduler, gen, log_path):
+    """With --resume and a checkpoint at path: load it into the objects and return its epoch, after checking that it
+    is this method's with the same configuration (every Args field but FREE_ON_RESUME, and the same data). Else 0.
+    The log keeps only the epochs the checkpoint contains (an epoch cut short is re-run)."""
+    start = 0
+    if args.resume and os.path.exists(path):
+        try:
+            ckpt = load_checkpoint(path, next(model.parameters()).device, STATE_KEYS)
+        except ValueError as e:
+            raise SystemExit(f"{method}: --resume: {e}") from None
+        now, was = {**dataclasses.asdict(args), "method": method}, {**ckpt["args"], "method": ckpt["method"]}
+        diff = [f"{k}: {was.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(now) | set(was))
+                if k not in FREE_ON_RESUME and was.get(k) != now.get(k)]
+        if ckpt["data_id"] != data_id:
+            diff.append(f"data: {was.get('data')!r} (content {ckpt['data_id']}) in the checkpoint, {args.data!r} "
+                        f"(content {data_id}) now")
+        if diff:
+            raise SystemExit(f"{method}: --resume: {path} was made with another configuration:\n  " + "\n  ".join(diff)
+                             + "\nRerun with the checkpoint's values, or use --overwrite / a new --out for a new run.")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        gen.set_state(ckpt["gen"].cpu())  # RNG states are CPU tensors even when the model is on a GPU
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+        start = ckpt["epoch"]
+        print(f"resumed from {path} at epoch {start}" + (f" (rank {common.RANK})" if common.WORLD > 1 else ""))
+    trim_log(log_path, start)
+    return start
