@@ -136,8 +136,11 @@ def test_ctrl_c_and_sigterm_end_with_one_line(tiny_dir, tmp_path):
     out = tmp_path / "run"
     for sig in (signal.SIGINT, signal.SIGTERM):
         t0 = time.time()
+        # SIGINT as a terminal gives it: a shell starts background jobs with SIGINT ignored, which the child would
+        # inherit (and Python honours) when the tests themselves run in the background
         p = subprocess.Popen(command("simclr.py", tiny_dir, out, "--epochs", "3", "--resume"), cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         wait_for_step(out / "metrics.jsonl", since=t0)
         p.send_signal(sig)
         _, err = p.communicate(timeout=120)
