@@ -111,8 +111,7 @@ def bench_step(device, size, B, repeats):
     backbone, dim = common.make_backbone("resnet18", 1, size)
     projector = simclr.Projector(dim, 512, 128)
     model = torch.nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)  # as the method files
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     view = common.ViewProbs()
@@ -124,9 +123,7 @@ def bench_step(device, size, B, repeats):
 
     def step():
         x1, x2 = augment()
-        x = torch.cat([x1, x2])
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = torch.cat([x1, x2]).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             z = projector(backbone(x))
         z1, z2 = z.float().chunk(2)
@@ -155,23 +152,22 @@ class TwoViews(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.transform(self.images[i])
 
 
-def simclr_step(device, C, size, compile_mode="none"):
-    """SimCLR's training step as in simclr.py (ResNet-18, projector 2048 -> 256, LARS, bf16 autocast and
-    channels_last on CUDA): returns step(x1, x2) -> loss. compile_mode: none, or a torch.compile mode for the
-    backbone (default, reduce-overhead = CUDA graphs, max-autotune)."""
+def simclr_step(device, C, size, compile_mode="none", layout=torch.channels_last, seed=0):
+    """SimCLR's training step as in simclr.py (ResNet-18, projector 2048 -> 256, LARS, bf16 autocast on CUDA,
+    channels_last tensors): returns step(x1, x2) -> loss. compile_mode: none, or a torch.compile mode for the
+    backbone (default, reduce-overhead = CUDA graphs, max-autotune); layout: the memory format of the weights and
+    of the views (torch.contiguous_format to measure NCHW against the method files' NHWC); seed: the init."""
+    torch.manual_seed(seed)
     backbone, dim = common.make_backbone("resnet18", C, size)
     projector = simclr.Projector(dim, 2048, 256)
     model = torch.nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=layout)
     if compile_mode != "none":
         backbone.compile(mode=compile_mode)
     opt = common.LARS(model.parameters(), lr=0.1, weight_decay=1e-5)
 
     def step(x1, x2):
-        x = torch.cat([x1, x2])
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = torch.cat([x1, x2]).contiguous(memory_format=layout)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             z = projector(backbone(x))
         loss = simclr.loss_fn(*z.float().chunk(2), 0.2)
@@ -180,6 +176,29 @@ def simclr_step(device, C, size, compile_mode="none"):
         opt.step()
         return loss
     return step
+
+
+def bench_layouts(device, size, B, rounds):
+    """The training step (simclr_step: ResNet-18, B images = 2B views, forward + backward + LARS) with weights and
+    views in the contiguous NCHW layout and in channels_last (NHWC), the two timed in alternation in this one
+    process so that the machine's load changes hit both alike. The method files use channels_last on every device
+    because it wins here. Returns the median seconds per step of each, steps/s and the ratio."""
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = (torch.randn(B, 1, size, size, generator=g).to(device) for _ in range(2))
+    layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    steps = {name: simclr_step(device, 1, size, layout=fmt) for name, fmt in layouts.items()}
+    times = {name: [] for name in layouts}
+    for step in steps.values():
+        step(x1, x2)  # warm-up: allocator, oneDNN primitive caches
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(timeit(lambda: step(x1, x2), device, repeats=1, warmup=0))
+    row = {"device": device.type, "size": size, "batch": B, "rounds": rounds}
+    for name, t in times.items():
+        row[f"{name}_s"] = statistics.median(t)
+        row[f"{name}_steps_per_s"] = 1 / row[f"{name}_s"]
+    row["channels_last_speedup"] = row["contiguous_s"] / row["channels_last_s"]
+    return row
 
 
 def matmul_tflops(device):
@@ -290,6 +309,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--step-size", type=int, default=None, help="image side for the SimCLR step (default: 28 CPU, 64 CUDA)")
     ap.add_argument("--step-batch", type=int, default=256)
+    ap.add_argument("--layout-rounds", type=int, default=5, help="alternating timings of the step in NCHW and "
+                    "channels_last (bench_layouts; 0: skip)")
     ap.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     ap.add_argument("--e2e", nargs="*", default=["pneumonia", "breast64"], choices=["pneumonia", "breast64"],
                     help="end-to-end comparison on these datasets (none: skip)")
@@ -306,7 +327,7 @@ def main():
     os.environ["MEDSSL_REQUIRE_OP"] = "1"  # a benchmark of the fallback would be a lie: fail instead
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine(), "cuda_device": None, "augment": [], "step": [],
-              "copy_GB_per_s": {}, "e2e": [], "matmul_TFLOPs": {}}
+              "copy_GB_per_s": {}, "e2e": [], "matmul_TFLOPs": {}, "layouts": []}
     for dev in cli.devices:
         device = torch.device(dev)
         if dev == "cuda":
@@ -317,6 +338,8 @@ def main():
         step_size = cli.step_size or (64 if dev == "cuda" else 28)
         step_repeats = max(1, cli.repeats // 2 if dev == "cpu" else cli.repeats)
         report["step"].append(bench_step(device, step_size, cli.step_batch, step_repeats))
+        if cli.layout_rounds:
+            report["layouts"].append(bench_layouts(device, step_size, cli.step_batch, cli.layout_rounds))
         cuda = dev == "cuda"
         report["matmul_TFLOPs"][dev] = matmul_tflops(device)
         cores = os.cpu_count()
@@ -341,6 +364,10 @@ def main():
         print(f"SimCLR step ({s['device']}, ResNet-18, {s['size']} px, batch {s['batch']}): {s['step_s'] * 1e3:.1f} ms, "
               f"{s['images_per_s']:.0f} img/s; augmentation {s['augment_s'] * 1e3:.2f} ms = "
               f"{100 * s['augment_share']:.1f}% of the step")
+    for r in report["layouts"]:
+        print(f"training step ({r['device']}, ResNet-18, {r['size']} px, batch {r['batch']}, median of {r['rounds']} "
+              f"alternating rounds): contiguous {r['contiguous_steps_per_s']:.3f} steps/s, channels_last "
+              f"{r['channels_last_steps_per_s']:.3f} steps/s: channels_last x{r['channels_last_speedup']:.2f}")
     if report["e2e"]:
         print(f"end to end, SimCLR ResNet-18 (images/s; 'x' = the fastest medssl variant's images/s over this row's):")
         for r in report["e2e"]:

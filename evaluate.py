@@ -35,6 +35,7 @@ def extract_features(backbone, images, mean, std, batch_size=512):
     feats = []
     for i in range(0, len(images), batch_size):
         x = (images[i:i + batch_size].to(device, non_blocking=True).float() / 255 - m) / s
+        x = x.contiguous(memory_format=torch.channels_last)  # NHWC, as in training (bench.py: faster)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats.append(backbone(x).float())
     backbone.train(was_training)
@@ -229,6 +230,7 @@ def train_with_labels(net, head, ds, mean, std, epochs, lr, backbone_lr_scale, b
     N, C, H, W = x.shape
     device = next(net.parameters()).device  # x may be in host memory (--host-data)
     aug = common.augmentation(H, (view,))
+    net.to(memory_format=torch.channels_last)  # NHWC convolutions, as in the method files
     B = min(batch_size, N)
     steps = max(1, N // B)
     opt = torch.optim.SGD([{"params": net.parameters(), "lr": lr * backbone_lr_scale}, {"params": head.parameters()}],
@@ -243,6 +245,7 @@ def train_with_labels(net, head, ds, mean, std, epochs, lr, backbone_lr_scale, b
                 idx = perm[step * B:(step + 1) * B]
                 params = common.sample_params(len(idx), H, W, C, gen, **aug).to(device)
                 (xb,) = common.augment(x[idx].to(device, non_blocking=True), params, H, mean, std)  # one view
+                xb = xb.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = head(net(xb)).float()
                 loss = F.cross_entropy(logits, y[idx.to(y.device)])

@@ -2,7 +2,8 @@
 evaluation protocol, then one table (results/RESULTS.md), the per-run JSON and the figures.
 
 Run:
-    python reproduce.py --preset cpu                      # <= 45 min on a 2-core CPU: 28 px, few epochs, one seed
+    python reproduce.py --preset cpu --part 1/13          # a 2-core CPU: 28 px, full splits, 13 parts of <= 100 min
+    python reproduce.py --preset cpu --table-only         # the table from the committed results/runs/*.json
     python reproduce.py --preset paper                    # the full GPU study: ResNet-50, 224 px, 200 epochs, 3 seeds
     python reproduce.py --preset cpu --folders ../shared/data/chest_xray_224   # add folder datasets
     make reproduce PRESET=cpu ARGS="--folders ..."        # the same through make (sets up the venv first)
@@ -10,8 +11,9 @@ Each run is a subprocess (`python simclr.py ...`, `python evaluate.py --init ...
 runs/reproduce-<preset>/<model>-<data>-s<seed>-<hash of its command>/; one whose results.json exists is skipped
 (the hash makes that mean "the same configuration"), one with a checkpoint is resumed, so an interrupted reproduce
 (Ctrl-C, SIGTERM: the running children are stopped too) continues where it stopped when rerun. A failed run (e.g.
-ImageNet weights missing offline) is reported in the table and the others go on. Outputs: results/RESULTS.md, results/runs/*.json,
-results/{curves,label_efficiency,embedding}.png.
+ImageNet weights missing offline) is reported in the table and the others go on. Outputs: results/RESULTS.md,
+results/runs/*.json (one record per run: commit them; a committed record of the same configuration is never rerun),
+results/{curves,label_efficiency,embedding}.png and the results block of README.md.
 """
 import argparse
 import concurrent.futures
@@ -38,14 +40,27 @@ import runs
 # Published reference points for the table, kept here only (MedMNIST v2, Yang et al., Scientific Data 2023).
 ANCHORS = ("Anchors (MedMNIST v2, supervised ResNet-18 at 28 px, full data, 100 epochs): PneumoniaMNIST "
            "ACC 0.854 / AUC 0.944, BreastMNIST ACC 0.863 / AUC 0.901.")
-# epochs and batch_size are one value or one per data entry.
+# epochs, batch_size, warmup_epochs, eval_every and finetune_epochs are one value or one per data entry.
+# minutes: each run's wall time measured on the 2-core CPU (per data entry and model; see results/RESULTS.md's parts
+# table), which --part uses to split the study into parts of about equal time; parts: how many (each <= 100 min).
+# Estimated 2026-12-02 from per-step times of each method file measured on the 2-core CPU (pneumonia: 20.5 s per
+# step of batch 256 for SimCLR, 27.0 BYOL, 19.5 Barlow; breast: 4.7 s per step of 64, 5.8 BYOL) plus evaluation.
+MINUTES_CPU = {"pneumonia": {"random": 6, "supervised": 40, "imagenet": 0.5, "simclr": 70, "dclw": 70, "byol": 90,
+                             "simsiam": 70, "barlow": 67, "vicreg": 67},
+               "breast": {"random": 2, "supervised": 40, "imagenet": 0.5, "simclr": 69, "dclw": 69, "byol": 84,
+                          "simsiam": 69, "barlow": 69, "vicreg": 69}}
+PARTS_CPU = 13  # every SSL run takes 67-90 min alone, so one per part; the baselines fill the gaps
 PRESETS = {
-    "cpu": dict(arch="resnet18", size=28, data=["pneumonia"], epochs=3, batch_size=32, warmup_epochs=1, seeds=[0],
-                train_subset=1000, eval_every=1, finetune_epochs=1, imagenet_size=224, jobs=1,
-                note="CPU preset: PneumoniaMNIST 28 px, ResNet-18, 3 epochs of a seeded 1000-image train subset at "
-                "batch 32 (93 steps; pre-training, probes and fine-tune), one seed, fine-tune 1 epoch, within 45 min "
-                "on 2 cores. A smoke-scale study: it shows whether each method starts to learn, not the converged "
-                "answer (see the gpu preset)."),
+    "cpu": dict(arch="resnet18", size=28, data=["pneumonia", "breast"],
+                epochs={"pneumonia": 10, "breast": 100}, batch_size={"pneumonia": 256, "breast": 64},
+                warmup_epochs={"pneumonia": 1, "breast": 10}, eval_every={"pneumonia": 5, "breast": 5},
+                finetune_epochs={"pneumonia": 1, "breast": 10}, seeds=[0], random_seeds=[0, 1, 2], train_subset=0,
+                imagenet_size=224, jobs=1, parts=PARTS_CPU, minutes=MINUTES_CPU,
+                note="CPU preset: the study answered on a 2-core CPU. ResNet-18 at 28 px on the full train splits: "
+                "PneumoniaMNIST 10 epochs at batch 256 (18 steps each = 180 steps), BreastMNIST 100 epochs at batch "
+                "64 (8 steps each = 800 steps); one seed per method, the untrained backbone with seeds 0, 1, 2 (its "
+                "spread is the noise floor), the supervised baseline with the same epochs; fine-tune 1 / 10 epochs. "
+                "Run in parts of <= 100 min (--part I/N), each committed as it finishes."),
     "gpu": dict(arch="resnet18", size=28, data=["pneumonia", "breast", "breast@64"],
                 epochs={"pneumonia": 200, "breast": 400, "breast@64": 200},
                 batch_size={"pneumonia": 256, "breast": 128, "breast@64": 128}, warmup_epochs=10, seeds=[0, 1, 2],
@@ -79,6 +94,9 @@ ABLATION = {"paper recipe (crop 0.08, jitter 0.4, blur)": ["--min-scale", "0.08"
 
 
 # ------------------------------------------------------------------------------------------------ runs
+PER_DATA = ("epochs", "batch_size", "warmup_epochs", "eval_every", "finetune_epochs")  # settings a preset may key by data
+
+
 def parse_spec(spec, default_size):
     """'breast@64' -> ('breast', 64); 'pneumonia' -> ('pneumonia', default_size); a folder may contain '@'."""
     data, at, size = spec.rpartition("@")
@@ -92,6 +110,25 @@ def parse_spec(spec, default_size):
 def data_name(data, size):
     """('pneumonia', 28) -> 'pneumonia-28'; ('../shared/data/chest_xray_224/', 64) -> 'chest_xray_224-64'."""
     return f"{os.path.basename(os.path.normpath(data))}-{size}"
+
+
+def spec_key(data, size, default_size):
+    """The preset's key for a data entry: 'pneumonia', or 'breast@64' when the size is not the preset's."""
+    return data if size == default_size else f"{data}@{size}"
+
+
+def assign_parts(minutes, n):
+    """Split runs with estimated `minutes` into n parts of about equal time: longest run first, each to the part
+    with the least time so far (ties: the lower part; equal runs keep their order), the LPT rule. With equal
+    estimates this is run i -> part i mod n. Parts are then numbered in the order of their first run, so part 1
+    holds the study's first run. Returns each run's part (0-based) and each part's estimated minutes."""
+    load, part = [0.0] * n, [0] * len(minutes)
+    for i in sorted(range(len(minutes)), key=lambda i: (-minutes[i], i)):
+        part[i] = min(range(n), key=lambda p: (load[p], p))
+        load[part[i]] += minutes[i]
+    first = sorted(range(n), key=lambda p: part.index(p) if p in part else len(part) + p)  # new number -> old
+    new = {old: k for k, old in enumerate(first)}
+    return [new[p] for p in part], [load[old] for old in first]
 
 
 def setting(preset, key, spec):
@@ -121,19 +158,51 @@ def command(model, data, size, seed, cfg, run, cli):
     return cmd
 
 
+def identity(model, data, size, seed, cfg, cli):
+    """The run's configuration as one string, its command minus the interpreter and what differs between machines
+    (where it writes, where the data and the ImageNet weights lie), and that string's 8-hex sha1. A finished run,
+    in a local run folder or committed as results/runs/*.json, is reused only by the very same configuration."""
+    here = argparse.Namespace(**{**vars(cli), "data_dir": "", "weights": None})
+    config = " ".join(a for a in command(model, data, size, seed, cfg, "", here)[2:] if a != "--resume")
+    return config, hashlib.sha1(config.encode()).hexdigest()[:8]
+
+
+def json_path(cli, model, name, seed):
+    """Where a run's record is committed: results/runs/<preset>-<model>-<data>-s<seed>.json."""
+    return os.path.join(cli.out, "runs", f"{cli.preset}-{model}-{name}-s{seed}.json")
+
+
+def committed(path, config_hash):
+    """The record committed at `path` when it is of this configuration (else None: absent, unreadable, or another
+    configuration, e.g. the preset's epochs changed since)."""
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("config_hash") == config_hash else None
+
+
 def run_one(model, data, size, seed, cfg, cli, run_it=True):
     """Run (or skip) one model x dataset x seed. Returns its record: results, curves, wall time, or the failure.
-    run_it=False (a run of another --part) only reads what a finished run left."""
+    A run whose record is committed (results/runs/*.json, same configuration) is never rerun: the record is
+    returned as it is, so parts run on other machines make one study. run_it=False (a run of another --part, or
+    --table-only) only reads what a committed record or a finished local run left; else the run is pending."""
     name = data_name(data, size)
     key = f"{model}-{name}-s{seed}"
-    # the folder name carries a hash of the run's command (minus where it writes), so a finished run is reused
-    # only by the very same configuration; any other setting runs in a folder of its own
-    config = " ".join(a for a in command(model, data, size, seed, cfg, "", cli)[2:] if a != "--resume")
-    run = os.path.join(cli.runs, f"{key}-{hashlib.sha1(config.encode()).hexdigest()[:8]}")
+    config, config_hash = identity(model, data, size, seed, cfg, cli)
+    rec = {"model": model, "data": name, "seed": seed, "preset": cli.preset, "train_subset": cfg["subset"],
+           "n_train": cfg["n_train"], "epochs": cfg["epochs"], "batch_size": cfg["batch_size"],
+           "finetune_epochs": cfg["finetune_epochs"], "config": config,
+           "config_hash": config_hash, "estimate_min": cfg["estimate_min"], "part": cfg["part"]}
+    old = committed(json_path(cli, model, name, seed), config_hash)
+    if old is not None and (old["status"] == "ok" or (old["status"] == "failed" and not run_it)):
+        print(f"[skip] {key}: committed in {json_path(cli, model, name, seed)} (same configuration)", flush=True)
+        return {**old, "estimate_min": rec["estimate_min"], "part": rec["part"], "committed": True}
+    # the folder name carries the configuration's hash, so any other setting runs in a folder of its own
+    run = os.path.join(cli.runs, f"{key}-{config_hash}")
     cmd = command(model, data, size, seed, cfg, run, cli)
     done, info = os.path.join(run, "results.json"), os.path.join(run, "run.json")
-    rec = {"model": model, "data": name, "seed": seed, "preset": cli.preset, "train_subset": cfg["subset"],
-           "n_train": cfg["n_train"], "epochs": cfg["epochs"], "batch_size": cfg["batch_size"]}
     if os.path.exists(done):
         print(f"[skip] {key}: {done} exists (same configuration)", flush=True)
         rec["skipped"] = True
@@ -157,8 +226,10 @@ def run_one(model, data, size, seed, cfg, cli, run_it=True):
                 lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
             reason = lines[-1] if lines else f"exit code {rc}"
             print(f"[fail] {key} after {wall:.0f} s: {reason}", flush=True)
-            return {**rec, "status": "failed", "reason": reason, "wall_s": wall}
-        runs.write_json(info, {"wall_s": wall, "command": " ".join(cmd[2:])})
+            return {**rec, "status": "failed", "reason": reason, "wall_s": wall, "ran_in_part": cli.part,
+                    "date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": machine()}
+        runs.write_json(info, {"wall_s": wall, "command": " ".join(cmd[2:]), "ran_in_part": cli.part,
+                               "date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": machine()})
         print(f"[done] {key} in {wall / 60:.1f} min", flush=True)
     with open(done) as f:
         rec["results"] = json.load(f)
@@ -265,14 +336,59 @@ def summary(ok, d):
     if not ssl:
         return []
     best = max(ssl, key=ssl.get)
-    rnd = mean_auc(ok, d, "random", "linear")
-    lines = [f"- Best SSL linear-probe AUC: {NAMES[best]} {ssl[best]:.3f}"
-             + (f"; untrained backbone {rnd:.3f}; every SSL method minus the untrained backbone (mean over seeds): "
-                + ", ".join(f"{NAMES[m]} {v - rnd:+.3f}" for m, v in ssl.items()) if rnd is not None else "")]
+    rnd = [r["results"]["linear"]["auc"] for r in ok if r["model"] == "random" and r["data"] == d]
+    lines = [f"- Best SSL linear-probe AUC: {NAMES[best]} {ssl[best]:.3f}"]
+    if rnd:
+        lines[0] += f"; untrained backbone {mean_std(rnd)}" + (f" over {len(rnd)} seeds (the noise floor)"
+                                                               if len(rnd) > 1 else "")
+        lines.append("- Every SSL method minus the untrained backbone of the same seed: " + ", ".join(
+            f"{NAMES[m]} {paired_delta(ok, d, m, 'linear')}" for m in ssl))
     ten = mean_auc(ok, d, best, "linear_10pct")
     if ten is not None:
         lines.append(f"- {NAMES[best]} with 10% of the labels: {ten:.3f} ({ten - ssl[best]:+.3f} from 100%)")
     return lines
+
+
+README_BEGIN, README_END = "<!-- results: begin (reproduce.py writes this block) -->", "<!-- results: end -->"
+
+
+def readme_summary(records, datasets, cfg, cli):
+    """The README's results block, from the same records as RESULTS.md: per dataset, test AUC of each model under
+    every frozen-feature protocol, and the linear-probe difference to the untrained backbone of the same seed."""
+    ok = [r for r in records if r["status"] == "ok"]
+    done, dates = len([r for r in records if r["status"] != "pending"]), sorted(r["date"][:10] for r in ok if "date" in r)
+    lines = [f"Preset `{cli.preset}`, built by `python reproduce.py {' '.join(cli.argv)}` from {done} of "
+             f"{len(records)} runs ({len(ok)} finished{f', {dates[0]} to {dates[-1]}' if dates else ''}; the runs' "
+             "machines, parts and wall times in [results/RESULTS.md](results/RESULTS.md)). Test AUC; one seed: the "
+             "linear probe's 95% bootstrap interval; the untrained backbone: mean ± std over its seeds.", ""]
+    protos = [("knn", "kNN"), ("linear_1pct", "linear 1%"), ("linear_10pct", "linear 10%"), ("linear", "linear 100%")]
+    for d in datasets:
+        lines += [f"| {d} | " + " | ".join(n for _, n in protos) + " | minus untrained, linear 100% |",
+                  "|---|" + "---:|" * (len(protos) + 1)]
+        for model in ["random", "supervised"] + METHODS:
+            rs = [r for r in ok if r["data"] == d and r["model"] == model]
+            if not rs:
+                pending = any(r["data"] == d and r["model"] == model and r["status"] == "pending" for r in records)
+                if pending:
+                    lines.append(f"| {NAMES[model]} | " + " | ".join("not yet run" if i == 0 else "" for i in
+                                                                   range(len(protos))) + " | |")
+                continue
+            cells = [auc_cell([r["results"][p] for r in rs]) if p == "linear" else mean_std(
+                [r["results"][p]["auc"] for r in rs]) for p, _ in protos]
+            delta = "–" if model == "random" else paired_delta(ok, d, model, "linear").replace(" (1 seed)", "")
+            lines.append(f"| {NAMES[model]} | " + " | ".join(cells) + f" | {delta} |")
+        lines.append("")
+    return lines
+
+
+def write_readme(path, lines):
+    """Replace the block between README_BEGIN and README_END in `path` (a README that has the two markers)."""
+    with open(path) as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"--readme {path}: expected the markers {README_BEGIN!r} and {README_END!r}")
+    head, rest = text.split(README_BEGIN, 1)
+    runs.write_text(path, head + README_BEGIN + "\n" + "\n".join(lines) + "\n" + README_END + rest.split(README_END, 1)[1])
 
 
 def write_table(records, datasets, cfg, cli, wall):
@@ -280,14 +396,16 @@ def write_table(records, datasets, cfg, cli, wall):
     lines = [f"# medssl results: preset `{cli.preset}`", "",
              f"**{cfg['note']}**" + (f" This invocation overrides the preset: {', '.join(cli.overrides)}."
                                      if cli.overrides else ""), "",
-             f"- Command: `python reproduce.py {' '.join(cli.argv)}` (`make reproduce PRESET={cli.preset}` runs "
-             f"`python reproduce.py --preset {cli.preset}`)",
-             f"- Date: {datetime.date.today().isoformat()}; machine: {machine()}",
-             f"- Wall time of this invocation: {wall / 60:.1f} min with {cli.jobs} run(s) at once "
-             f"({sum(r.get('skipped', False) for r in records)} of {len(records)} runs skipped as already done); sum "
-             f"of the runs' own wall times, when they ran: {sum(r.get('wall_s') or 0 for r in records) / 60:.1f} min",
-             f"- Backbone {cfg['arch']}, seeds {cfg['seeds']}, fine-tune {cfg['finetune_epochs']} epochs; epochs, "
-             f"batch and train images per dataset under its heading. Metrics on each dataset's test split: mean ± "
+             f"- Table built by `python reproduce.py {' '.join(cli.argv)}` (`make reproduce PRESET={cli.preset}` "
+             f"runs `python reproduce.py --preset {cli.preset}`) on {datetime.date.today().isoformat()}, from "
+             f"{sum(bool(r.get('committed')) for r in records)} committed run records (results/runs/*.json) and "
+             f"{sum(r['status'] != 'pending' and not r.get('committed') for r in records)} runs of this invocation "
+             f"or its run folders; each run's date, machine and part are in the Parts and Runs tables below",
+             f"- Wall time of this invocation: {wall / 60:.1f} min with {cli.jobs} run(s) at once; sum of the runs' "
+             f"own wall times, when they ran: {sum(r.get('wall_s') or 0 for r in records) / 60:.1f} min",
+             f"- Backbone {cfg['arch']}, seeds {cfg['seeds']}"
+             + (f" (untrained backbone: seeds {cfg['random_seeds']})" if cfg["random_seeds"] != cfg["seeds"] else "")
+             + f"; epochs, batch, fine-tune epochs and train images per dataset under its heading. Metrics on each dataset's test split: mean ± "
              f"sample std over seeds, or for one seed the AUC with its 95% bootstrap interval over the test set.",
              "- Protocols: kNN (cosine, T = 0.1, k chosen on the val split from "
              f"{', '.join(map(str, evaluate.KS))} by balanced accuracy) and linear probe (L2 chosen on val AUC) on "
@@ -300,16 +418,21 @@ def write_table(records, datasets, cfg, cli, wall):
     for r in records:
         if r["status"] == "failed":
             reasons.setdefault(r["reason"], []).append(f"{r['model']}-{r['data']}-s{r['seed']}")
-    lines += [f"- Not run: {', '.join(runs)}. {reason}" for reason, runs in reasons.items()]
+    commands = {r["reason"]: r["config"] for r in records if r["status"] == "failed" and r["model"] == "imagenet"}
+    lines += [f"- Not run: {', '.join(runs)}. {reason}" + (f" Where the weights exist: `python {commands[reason]} "
+              "--weights FILE` (or the torch hub cache)." if reason in commands else "")
+              for reason, runs in reasons.items()]
     pending = [f"{r['model']}-{r['data']}-s{r['seed']}" for r in records if r["status"] == "pending"]
     if pending:
-        lines.append(f"- Not yet run (another --part): {', '.join(pending)}.")
+        lines.append(f"- Not yet run ({len(pending)} of {len(records)}; another --part, or in progress): "
+                     f"{', '.join(pending)}.")
     lines.append("")
     for d in datasets:
         r0 = next(r for r in records if r["data"] == d)
+        n_train = next((r["n_train"] for r in records if r["data"] == d and r.get("n_train")), "")
         used = f"a seeded {r0['train_subset']}-image subset of" if r0["train_subset"] else "all"
-        lines += [f"## {d}", "", f"Train images: {used} {r0['n_train']}; {r0['epochs']} epochs at batch "
-                  f"{r0['batch_size']}.", ""] + summary(ok, d) + [
+        lines += [f"## {d}", "", f"Train images: {used} {n_train}".rstrip() + f"; {r0['epochs']} epochs at batch "
+                  f"{r0['batch_size']}; fine-tune {r0['finetune_epochs']} epochs.", ""] + summary(ok, d) + [
                   "", "| protocol | model | ACC | AUC | F1 (weighted) | chosen on val |", "|---|---|---:|---:|---:|---|"]
         for proto, pname in PROTOCOLS:
             for model in BASELINES + METHODS:
@@ -327,12 +450,23 @@ def write_table(records, datasets, cfg, cli, wall):
         lines.append("")
     lines += ["## Figures", "", "![loss and online kNN](curves.png)", "",
               "![label efficiency](label_efficiency.png)", "", "![embedding](embedding.png)", "",
-              "## Runs", "", "| run | status | wall (min) |", "|---|---|---:|"]
+              "## Parts", "", "Each part (`--part I/N`) ran in one invocation; its runs were assigned by the "
+              "preset's estimated minutes (`assign_parts`).", "",
+              "| part | runs | done | estimated (min) | measured: sum of run wall times (min) | ran on |",
+              "|---|---:|---:|---:|---:|---|"]
+    part_of = lambda r: r.get("ran_in_part", r["part"])  # where it ran; a run not yet run: its planned part
+    for p in sorted({part_of(r) for r in records}, key=lambda p: tuple(map(int, p.split("/")))[::-1]):
+        rs = [r for r in records if part_of(r) == p]
+        done = [r for r in rs if r["status"] != "pending"]
+        when = sorted({f"{r['date'][:10]}, {r['machine'].split(',')[0]}" for r in done if r.get("date")})
+        lines.append(f"| {p} | {len(rs)} | {len(done)} | {sum(r['estimate_min'] for r in rs):.0f} | "
+                     f"{sum(r.get('wall_s') or 0 for r in done) / 60:.1f} | {'; '.join(when) or '–'} |")
+    lines += ["", "## Runs", "", "| run | part | status | wall (min) | date |", "|---|---|---|---:|---|"]
     for r in records:
         status = {"ok": "ok", "pending": "not yet run"}.get(r["status"], "failed (see above)")
         wall_s = r.get("wall_s")
-        lines.append(f"| {r['model']}-{r['data']}-s{r['seed']} | {status} | "
-                     f"{'–' if wall_s is None else f'{wall_s / 60:.1f}'} |")
+        lines.append(f"| {r['model']}-{r['data']}-s{r['seed']} | {part_of(r)} | {status} | "
+                     f"{'–' if wall_s is None else f'{wall_s / 60:.1f}'} | {r.get('date', '–')} |")
     path = os.path.join(cli.out, "RESULTS.md")
     runs.write_text(path, "\n".join(lines) + "\n")
     return path
@@ -422,6 +556,8 @@ def figures(records, datasets, out):
 
     # 3. 2-D embedding (PCA) of the test features, coloured by class, lowest seed of each model
     models = [m for m in BASELINES + METHODS if any((m, d) in first for d in datasets)]
+    if not models:  # nothing finished yet
+        return
     fig, axes = plt.subplots(len(datasets), len(models), figsize=(2.3 * len(models), 2.3 * len(datasets)),
                              squeeze=False)
     for i, d in enumerate(datasets):
@@ -464,14 +600,19 @@ def main(argv=None):
     ap.add_argument("--train-subset", type=int, help="override the preset's train subset (0: whole train split)")
     ap.add_argument("--batch-size", type=int, help="override the preset's batch size (every dataset)")
     ap.add_argument("--jobs", type=int, help="runs at once (default: the preset's; on one GPU, small runs share it)")
-    ap.add_argument("--part", default="1/1", help="I/N: run only the I-th of N interleaved shares of the runs (to "
-                                                  "split a study over calls); the table covers every finished run")
+    ap.add_argument("--part", default=None, help="I/N: run only the I-th of N shares of the runs, balanced by the "
+                    "preset's measured minutes per run (equal minutes: every N-th run); I alone: N from the preset. "
+                    "The table covers every finished run, committed or local. Default: 1/1, the whole study")
+    ap.add_argument("--table-only", action="store_true", help="train nothing: rebuild the table and figures from the "
+                    "committed results/runs/*.json (and finished local runs), listing the runs still missing")
     ap.add_argument("--ablate", action="store_true", help="instead of the study: SimCLR with each augmentation "
                                                           "variant (ABLATION) on the first dataset, scored on val")
     ap.add_argument("--weights", default=None, help="ImageNet weights file for --init imagenet (default: hub cache)")
     ap.add_argument("--data-dir", default="", help="passed on to every run (default: $MEDSSL_DATA_DIR or ./data)")
     ap.add_argument("--runs", default="", help="run folders (default: runs/reproduce-<preset>)")
     ap.add_argument("--out", default="results", help="RESULTS.md, runs/*.json and figures go here")
+    ap.add_argument("--readme", default=None, help="a README whose results block (between its two markers) gets "
+                    "the summary table (default: README.md when --out is results and the study is a preset's own)")
     cli = ap.parse_args(argv)
     cli.argv = argv
     cfg = dict(PRESETS[cli.preset])
@@ -481,11 +622,15 @@ def main(argv=None):
     for folder in cli.folders:
         if not os.path.isdir(folder):
             raise SystemExit(f"--folders {folder}: not a directory")
+    if cli.part is None:  # the whole study; --table-only lists the runs still missing by the preset's parts
+        cli.part = f"1/{cfg.get('parts', 1)}" if cli.table_only else "1/1"
     try:
-        part, n_parts = (int(x) for x in cli.part.split("/"))
+        part, n_parts = (int(x) for x in (cli.part if "/" in cli.part else f"{cli.part}/{cfg.get('parts', 1)}")
+                         .split("/"))
         assert 1 <= part <= n_parts
     except (ValueError, AssertionError):
         raise SystemExit(f"--part {cli.part}: expected I/N with 1 <= I <= N, e.g. 1/2") from None
+    cli.part = f"{part}/{n_parts}"
     for key in ("jobs", "epochs", "finetune_epochs", "train_subset", "batch_size"):
         if getattr(cli, key) is not None and getattr(cli, key) < (1 if key in ("jobs", "epochs", "batch_size") else 0):
             raise SystemExit(f"--{key.replace('_', '-')} {getattr(cli, key)}: expected a positive number")
@@ -494,7 +639,10 @@ def main(argv=None):
     cli.overrides += [f"{k} {getattr(cli, k)}" for k in ("methods", "baselines") if getattr(cli, k) != ap.get_default(k)]
     cli.overrides += [f"data {' '.join(specs)}"] if specs != cfg["data"] else []
     cfg.update({k: getattr(cli, k) for k in overridden if getattr(cli, k) is not None})
+    cfg["random_seeds"] = cfg["seeds"] if cli.seeds else cfg.get("random_seeds", cfg["seeds"])
     cli.jobs = cfg["jobs"]
+    if cli.readme is None:  # the committed README summarizes the committed study only, never a tweaked one
+        cli.readme = "README.md" if cli.out == "results" and not cli.overrides and not cli.ablate else ""
     cli.runs = cli.runs or os.path.join("runs", f"{'ablation' if cli.ablate else 'reproduce'}-{cli.preset}")
     os.makedirs(os.path.join(cli.out, "runs"), exist_ok=True)
     t0 = time.time()
@@ -505,24 +653,35 @@ def main(argv=None):
         [m for m in ("imagenet",) if m in cli.baselines]  # ImageNet last: it may fail offline
     for spec in specs[:1] if cli.ablate else specs:
         data, size = parse_spec(spec, cfg["size"])
-        n_train = len(dataset.load(data, size, cli.data_dir or None, 0)["train"][1])
-        run_cfg = {**cfg, "epochs": setting(cfg, "epochs", spec), "batch_size": setting(cfg, "batch_size", spec),
-                   "n_train": n_train,  # a subset only where the split is larger (BreastMNIST's 546 are used whole)
-                   "subset": cfg["train_subset"] if 0 < cfg["train_subset"] < n_train else 0}
+        # the train split's size picks a subset only where it is larger (BreastMNIST's 546 are used whole); with no
+        # subset asked for, --table-only needs no data on this machine
+        n_train = (len(dataset.load(data, size, cli.data_dir or None, 0)["train"][1])
+                   if cfg["train_subset"] or not cli.table_only else None)
+        run_cfg = {**cfg, **{k: setting(cfg, k, spec) for k in PER_DATA}, "n_train": n_train,
+                   "subset": cfg["train_subset"] if n_train and 0 < cfg["train_subset"] < n_train else 0}
         datasets.append(data_name(data, size))
         if cli.ablate:  # one SimCLR run per variant, each in its own runs folder
             todo += [("simclr", data, size, s, {**run_cfg, "extra": flags},
                       argparse.Namespace(**{**vars(cli), "runs": os.path.join(cli.runs, f"v{i}")}))
                      for i, flags in enumerate(ABLATION.values()) for s in cfg["seeds"][:1]]
         else:
-            todo += [(m, data, size, s, run_cfg, cli) for s in cfg["seeds"] for m in order]
-    mine = set(range(part - 1, len(todo), n_parts))  # interleaved shares: each part gets every dataset and model
+            todo += [(m, data, size, s, run_cfg, cli) for m in order
+                     for s in (cfg["random_seeds"] if m == "random" else cfg["seeds"])]
+    # parts: each run to one part, balanced by the preset's measured minutes per run; the same assignment on every
+    # machine (it depends on the preset alone, not on what has run), so committed parts never move
+    estimates = [cfg.get("minutes", {}).get(spec_key(t[1], t[2], cfg["size"]), {}).get(t[0], 1.0) for t in todo]
+    shares, load = assign_parts(estimates, n_parts)
+    todo = [(*t[:4], {**t[4], "estimate_min": e, "part": f"{p + 1}/{n_parts}"}, t[5])
+            for t, e, p in zip(todo, estimates, shares)]
+    mine = set() if cli.table_only else {i for i, p in enumerate(shares) if p == part - 1}
+    if n_parts > 1 and not cli.table_only:
+        print(f"part {cli.part}: {len(mine)} of {len(todo)} runs, estimated {load[part - 1]:.0f} min (parts: "
+              f"{', '.join(f'{x:.0f}' for x in load)} min)", flush=True)
 
     def go(i):
         rec = run_one(*todo[i], run_it=i in mine)
-        if rec["status"] != "pending" and not cli.ablate:
-            runs.write_json(os.path.join(cli.out, "runs", f"{cli.preset}-{rec['model']}-{rec['data']}-"
-                                                          f"s{rec['seed']}.json"), rec)
+        if rec["status"] != "pending" and not rec.get("committed") and not cli.ablate:
+            runs.write_json(json_path(cli, rec["model"], rec["data"], rec["seed"]), rec)
         return rec
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, stop)
@@ -541,6 +700,8 @@ def main(argv=None):
     else:
         path = write_table(records, datasets, cfg, cli, time.time() - t0)
         figures(records, datasets, cli.out)
+        if cli.readme:
+            write_readme(cli.readme, readme_summary(records, datasets, cfg, cli))
     failed = [r for r in records if r["status"] == "failed"]
     print(f"wrote {path} ({(time.time() - t0) / 60:.1f} min; {len(failed)} failed run(s))")
     return 1 if any(r["model"] != "imagenet" for r in failed) else 0

@@ -1,10 +1,12 @@
 """VICReg: "VICReg: Variance-Invariance-Covariance Regularization for Self-Supervised Learning",
 Bardes, Ponce, LeCun, ICLR 2022, arXiv 2105.04906.
 
-Loss: l(Z, Z') = lambda s(Z, Z') + mu [v(Z) + v(Z')] + nu [c(Z) + c(Z')] on the (B, D) expander outputs of the two
-views: invariance s = mean squared distance between the views; variance v = mean over dimensions of
+Loss: l(Z, Z') = lambda s(Z, Z') + mu [v(Z) + v(Z')] / 2 + nu [c(Z) + c(Z')] on the (B, D) expander outputs of the
+two views: invariance s = mean squared distance between the views; variance v = mean over dimensions of
 max(0, gamma - std), which keeps every dimension spread over the batch (no collapse); covariance c = sum of the
 squared off-diagonal covariances / D, which decorrelates dimensions. No negatives, no stop-gradient, no EMA.
+The two variance hinges are averaged (/ 2), as in the official code (facebookresearch/vicreg) that tuned the
+coefficients (25, 25, 1); the paper's equation sums them.
 
 Run:
     python vicreg.py --data pneumonia                 # PneumoniaMNIST 28 px, ResNet-18
@@ -81,7 +83,7 @@ class Projector(nn.Module):
 
 
 def loss_fn(z1, z2, lambd=25.0, mu=25.0, nu=1.0, gamma=1.0, eps=1e-4):
-    """z1, z2: (B, D) expander outputs of the two views -> lambda s + mu (v1 + v2) + nu (c1 + c2)."""
+    """z1, z2: (B, D) expander outputs of the two views -> lambda s + mu (v1 + v2) / 2 + nu (c1 + c2)."""
     B, D = z1.shape
     s = F.mse_loss(z1, z2)  # invariance: mean over B and D of (z - z')^2 (the paper's code; its text sums over D)
 
@@ -92,7 +94,8 @@ def loss_fn(z1, z2, lambd=25.0, mu=25.0, nu=1.0, gamma=1.0, eps=1e-4):
         z = z - z.mean(0)
         cov = z.T @ z / (B - 1)
         return (cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()) / D
-    return lambd * s + mu * (v(z1) + v(z2)) + nu * (c(z1) + c(z2))
+    # variance averaged over the views as the official code (std_loss / 2 each); the paper's eq. (6) sums them
+    return lambd * s + mu * (v(z1) + v(z2)) / 2 + nu * (c(z1) + c(z2))
 
 
 # ------------------------------------------------------------------------------------------------ 3. setup
@@ -109,8 +112,9 @@ def main(args):
     B = min(args.batch_size, N)
     steps = N // B  # drop the ragged last batch: BN and the loss want full batches
     mine = common.rank_slice(B)  # torchrun: this rank's rows of every global batch of B (alone: all of them)
-    cuda = device.type == "cuda"  # on a GPU: bf16 autocast fed bf16 views, and channels_last tensors
-    view_dtype, layout = (torch.bfloat16, torch.channels_last) if cuda else (torch.float32, torch.contiguous_format)
+    cuda = device.type == "cuda"  # on a GPU: bf16 autocast fed bf16 views
+    view_dtype = torch.bfloat16 if cuda else torch.float32
+    layout = torch.channels_last  # NHWC convolutions: faster on GPUs, and measured faster on the CPU (bench.py)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     aug = common.augmentation(args.size, VIEWS, args.min_scale, args.jitter, args.blur)  # crop, jitter, blur
 

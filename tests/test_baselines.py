@@ -126,46 +126,95 @@ def test_mean_std_and_curves(tmp_path):
     assert c == {"epoch": [1, 2], "loss": [3.0, 1.0], "knn_epoch": [1], "knn_auc": [0.7]}
 
 
-def test_reproduce_in_two_parts_then_skips_done_runs(tmp_path):
+def run_keys(stdout, tag):
+    """'[run ] simclr-pneumonia-28-s0: ...' lines of a reproduce run -> {'simclr-pneumonia-28-s0'}."""
+    return set(re.findall(rf"^\[{tag}\s*\] (\S+):", stdout, re.M))
+
+
+def test_reproduce_parts_on_two_machines_make_one_study(tmp_path):
+    """Two parts run in separate run folders ("machines"); the second sees only the first part's committed
+    results/runs/*.json, never reruns those runs, and its table is the whole study; --table-only rebuilds it from
+    the committed JSON alone, training nothing; another setting is another run."""
+    import shutil
     data = tmp_path / "data"
     data.mkdir()
     np.savez(data / "pneumoniamnist.npz", **make_arrays(n=(40, 16, 32), seed=5))
     cmd = [sys.executable, "reproduce.py", "--preset", "cpu", "--data", "pneumonia", "--methods", "simclr",
-           "--baselines", "random", "imagenet", "--epochs", "1", "--finetune-epochs", "1", "--data-dir", str(data),
-           "--weights", str(tmp_path / "no-weights.pth"), "--runs", str(tmp_path / "runs"), "--out",
-           str(tmp_path / "results")]
+           "--baselines", "random", "imagenet", "--seeds", "0", "--epochs", "1", "--finetune-epochs", "1",
+           "--data-dir", str(data), "--weights", str(tmp_path / "no-weights.pth")]
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    out = tmp_path / "results"
-    # the runs in order are random, simclr, imagenet: part 1/2 takes the 1st and 3rd, part 2/2 the 2nd
-    r = subprocess.run(cmd + ["--part", "1/2"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]  # only ImageNet failed: tolerated, reported
-    table = (out / "RESULTS.md").read_text()
-    assert "| linear 100% | random init |" in table and "| SimCLR |" not in table
-    assert "Not yet run (another --part): simclr-pneumonia-28-s0." in table
-    assert "Not run: imagenet-pneumonia-28-s0" in table and "no-weights.pth" in table
-    r = subprocess.run(cmd + ["--part", "2/2"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "[skip] random-pneumonia-28-s0" in r.stdout and "[run ] simclr-pneumonia-28-s0" in r.stdout
-    table = (out / "RESULTS.md").read_text()
-    assert "| fine-tune | SimCLR |" in table and "Not yet run (another --part): imagenet-pneumonia-28-s0." in table
-    assert "Not run: imagenet" not in table  # a failure is not stored: in part 2 it is part 1's run not yet done
+    machine = lambda name, *extra: subprocess.run(
+        cmd + ["--runs", str(tmp_path / name / "runs"), "--out", str(tmp_path / name / "results"), *extra],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    study = {"random-pneumonia-28-s0", "simclr-pneumonia-28-s0", "imagenet-pneumonia-28-s0"}
+    a = machine("A", "--part", "1/2")
+    assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]  # only ImageNet may fail: tolerated, reported
+    ran_a = run_keys(a.stdout, "run")
+    assert ran_a and ran_a < study
+    table = (tmp_path / "A" / "results" / "RESULTS.md").read_text()
+    assert f"Not yet run ({len(study - ran_a)} of 3; another --part, or in progress): " in table
+    # the "clone": machine B gets A's committed JSON, none of A's run folders
+    (tmp_path / "B" / "results" / "runs").mkdir(parents=True)
+    for f in (tmp_path / "A" / "results" / "runs").glob("*.json"):
+        shutil.copy(f, tmp_path / "B" / "results" / "runs")
+    b = machine("B", "--part", "2/2")
+    assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
+    assert run_keys(b.stdout, "run") == study - ran_a  # its own share, and nothing of A's
+    assert run_keys(b.stdout, "skip") == ran_a  # A's runs: read from the committed JSON, not rerun
+    assert "committed in" in b.stdout
+    table = (tmp_path / "B" / "results" / "RESULTS.md").read_text()
+    assert "Not yet run" not in table and "| linear 100% | random init |" in table and "| fine-tune | SimCLR |" in table
+    assert "Not run: imagenet-pneumonia-28-s0" in table and "no-weights.pth" in table  # failed, with the reason
+    assert "Where the weights exist: `python evaluate.py --init imagenet" in table  # and the command to run it
     knn = next(line for line in table.splitlines() if line.startswith("| kNN | SimCLR |"))
     assert re.search(r"\| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \|", knn) and "k = " in knn  # one seed: CI, chosen k
     assert re.search(r"^\| SimCLR \| [+-]\d\.\d{3} \(1 seed\) \|", table, re.M)  # the paired difference
+    assert re.search(r"^\| 1/2 \| \d \| \d \| \d+ \| \d+\.\d \| \d{4}-\d\d-\d\d, ", table, re.M)  # parts table
     for png in ("curves.png", "label_efficiency.png", "embedding.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rec = json.loads((out / "runs" / "cpu-simclr-pneumonia-28-s0.json").read_text())
+        assert (tmp_path / "B" / "results" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rec = json.loads((tmp_path / "B" / "results" / "runs" / "cpu-simclr-pneumonia-28-s0.json").read_text())
     assert rec["status"] == "ok" and rec["curves"]["epoch"] == [1] and rec["results"]["finetune"]["epochs"] == 1
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert r.returncode == 0 and "[skip] simclr-pneumonia-28-s0" in r.stdout and "[skip] random-pneumonia-28-s0" in r.stdout
+    # a third machine with the committed JSON only, and no data: --table-only trains nothing, same table
+    (tmp_path / "C" / "results" / "runs").mkdir(parents=True)
+    for f in (tmp_path / "B" / "results" / "runs").glob("*.json"):
+        shutil.copy(f, tmp_path / "C" / "results" / "runs")
+    c = subprocess.run([str(tmp_path / "empty") if a == str(data) else a for a in cmd] + [
+                        "--table-only", "--runs", str(tmp_path / "C" / "runs"), "--out", str(tmp_path / "C" / "results")],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert c.returncode == 0, c.stdout[-3000:] + c.stderr[-3000:]
+    assert not run_keys(c.stdout, "run") and run_keys(c.stdout, "skip") == study and not (tmp_path / "C" / "runs").exists()
+    rows = lambda p: [ln for ln in p.read_text().splitlines() if ln.startswith("| ") and "|---" not in ln]
+    assert rows(tmp_path / "C" / "results" / "RESULTS.md") == rows(tmp_path / "B" / "results" / "RESULTS.md")
     # another setting is another run (its own folder), never the finished one under a new label
-    r = subprocess.run(cmd + ["--epochs", "2", "--baselines", "random"], capture_output=True, text=True, cwd=ROOT,
-                       env=env, timeout=900)
-    assert r.returncode == 0 and "[run ] simclr-pneumonia-28-s0" in r.stdout and "[skip] random" in r.stdout
-    assert json.loads((out / "runs" / "cpu-simclr-pneumonia-28-s0.json").read_text())["curves"]["epoch"] == [1, 2]
-    assert len(list((tmp_path / "runs").glob("simclr-pneumonia-28-s0-*"))) == 2
-    bad = subprocess.run(cmd + ["--part", "3/2"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    r = machine("B", "--epochs", "2", "--baselines", "random")
+    assert r.returncode == 0 and run_keys(r.stdout, "run") == {"simclr-pneumonia-28-s0"}
+    assert "[skip] random-pneumonia-28-s0" in r.stdout
+    rec = json.loads((tmp_path / "B" / "results" / "runs" / "cpu-simclr-pneumonia-28-s0.json").read_text())
+    assert rec["curves"]["epoch"] == [1, 2]
+    bad = machine("B", "--part", "3/2")
     assert bad.returncode != 0 and "--part 3/2: expected I/N" in bad.stderr
+
+
+def test_parts_balance_the_measured_minutes():
+    """assign_parts (LPT) against a brute force over every assignment: each run in exactly one part, the loads
+    add up, and the longest part within 4/3 of the best possible (Graham's bound); equal minutes: run i -> i mod n;
+    the cpu preset's parts each fit in 100 minutes by its own estimates."""
+    import itertools
+    g = np.random.default_rng(0)
+    for _ in range(30):
+        n, k = int(g.integers(2, 4)), int(g.integers(3, 8))
+        minutes = [float(m) for m in g.integers(1, 60, k)]
+        part, load = reproduce.assign_parts(minutes, n)
+        assert sorted(set(part)) <= list(range(n))
+        assert [sum(m for m, p in zip(minutes, part) if p == q) for q in range(n)] == pytest.approx(load)
+        best = min(max(sum(m for m, p in zip(minutes, a) if p == q) for q in range(n))
+                   for a in itertools.product(range(n), repeat=k))
+        assert max(load) <= 4 / 3 * best + 1e-9
+    assert reproduce.assign_parts([1.0] * 7, 3)[0] == [0, 1, 2, 0, 1, 2, 0]
+    cpu = reproduce.PRESETS["cpu"]
+    runs_min = [cpu["minutes"][d][m] for d in cpu["data"] for m in reproduce.BASELINES + reproduce.METHODS
+                for _ in (cpu["random_seeds"] if m == "random" else cpu["seeds"])]
+    assert max(reproduce.assign_parts(runs_min, cpu["parts"])[1]) <= 100
 
 
 def test_table_cells_paired_differences_and_specs(tmp_path):
