@@ -94,7 +94,8 @@ ABLATION = {"paper recipe (crop 0.08, jitter 0.4, blur)": ["--min-scale", "0.08"
 
 
 # ------------------------------------------------------------------------------------------------ runs
-PER_DATA = ("epochs", "batch_size", "warmup_epochs", "eval_every", "finetune_epochs")  # settings a preset may key by data
+# the settings a preset may give per data entry (one value, or a dict keyed by the entry)
+PER_DATA = ("epochs", "batch_size", "warmup_epochs", "eval_every", "finetune_epochs")
 
 
 def parse_spec(spec, default_size):
@@ -356,7 +357,8 @@ def readme_summary(records, datasets, cfg, cli):
     """The README's results block, from the same records as RESULTS.md: per dataset, test AUC of each model under
     every frozen-feature protocol, and the linear-probe difference to the untrained backbone of the same seed."""
     ok = [r for r in records if r["status"] == "ok"]
-    done, dates = len([r for r in records if r["status"] != "pending"]), sorted(r["date"][:10] for r in ok if "date" in r)
+    done = len([r for r in records if r["status"] != "pending"])
+    dates = sorted(r["date"][:10] for r in ok if "date" in r)
     lines = [f"Preset `{cli.preset}`, built by `python reproduce.py {' '.join(cli.argv)}` from {done} of "
              f"{len(records)} runs ({len(ok)} finished{f', {dates[0]} to {dates[-1]}' if dates else ''}; the runs' "
              "machines, parts and wall times in [results/RESULTS.md](results/RESULTS.md)). Test AUC; one seed: the "
@@ -388,7 +390,8 @@ def write_readme(path, lines):
     if README_BEGIN not in text or README_END not in text:
         raise SystemExit(f"--readme {path}: expected the markers {README_BEGIN!r} and {README_END!r}")
     head, rest = text.split(README_BEGIN, 1)
-    runs.write_text(path, head + README_BEGIN + "\n" + "\n".join(lines) + "\n" + README_END + rest.split(README_END, 1)[1])
+    tail = rest.split(README_END, 1)[1]
+    runs.write_text(path, head + README_BEGIN + "\n" + "\n".join(lines) + "\n" + README_END + tail)
 
 
 def write_table(records, datasets, cfg, cli, wall):
@@ -405,7 +408,8 @@ def write_table(records, datasets, cfg, cli, wall):
              f"own wall times, when they ran: {sum(r.get('wall_s') or 0 for r in records) / 60:.1f} min",
              f"- Backbone {cfg['arch']}, seeds {cfg['seeds']}"
              + (f" (untrained backbone: seeds {cfg['random_seeds']})" if cfg["random_seeds"] != cfg["seeds"] else "")
-             + f"; epochs, batch, fine-tune epochs and train images per dataset under its heading. Metrics on each dataset's test split: mean ± "
+             + "; epochs, batch, fine-tune epochs and train images per dataset under its heading. Metrics on each "
+             "dataset's test split: mean ± "
              f"sample std over seeds, or for one seed the AUC with its 95% bootstrap interval over the test set.",
              "- Protocols: kNN (cosine, T = 0.1, k chosen on the val split from "
              f"{', '.join(map(str, evaluate.KS))} by balanced accuracy) and linear probe (L2 chosen on val AUC) on "

@@ -157,8 +157,15 @@ def test_reproduce_parts_on_two_machines_make_one_study(tmp_path):
     (tmp_path / "B" / "results" / "runs").mkdir(parents=True)
     for f in (tmp_path / "A" / "results" / "runs").glob("*.json"):
         shutil.copy(f, tmp_path / "B" / "results" / "runs")
-    b = machine("B", "--part", "2/2")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{reproduce.README_BEGIN}\nstale\n{reproduce.README_END}\n\n## after\n")
+    b = machine("B", "--part", "2/2", "--readme", str(readme))
     assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
+    block = readme.read_text()
+    assert block.startswith("# title\n\n") and block.endswith(f"{reproduce.README_END}\n\n## after\n")
+    assert "stale" not in block and "from 3 of 3 runs (2 finished" in block
+    assert re.search(r"^\| SimCLR \| \d\.\d{3} \| \d\.\d{3} \| \d\.\d{3} \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \| [+-]\d\.\d{3} \|$",
+                     block, re.M), block
     assert run_keys(b.stdout, "run") == study - ran_a  # its own share, and nothing of A's
     assert run_keys(b.stdout, "skip") == ran_a  # A's runs: read from the committed JSON, not rerun
     assert "committed in" in b.stdout
@@ -178,11 +185,13 @@ def test_reproduce_parts_on_two_machines_make_one_study(tmp_path):
     (tmp_path / "C" / "results" / "runs").mkdir(parents=True)
     for f in (tmp_path / "B" / "results" / "runs").glob("*.json"):
         shutil.copy(f, tmp_path / "C" / "results" / "runs")
-    c = subprocess.run([str(tmp_path / "empty") if a == str(data) else a for a in cmd] + [
-                        "--table-only", "--runs", str(tmp_path / "C" / "runs"), "--out", str(tmp_path / "C" / "results")],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    no_data = [str(tmp_path / "empty") if a == str(data) else a for a in cmd]
+    c = subprocess.run(no_data + ["--table-only", "--runs", str(tmp_path / "C" / "runs"), "--out",
+                                  str(tmp_path / "C" / "results")], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=900)
     assert c.returncode == 0, c.stdout[-3000:] + c.stderr[-3000:]
-    assert not run_keys(c.stdout, "run") and run_keys(c.stdout, "skip") == study and not (tmp_path / "C" / "runs").exists()
+    assert not run_keys(c.stdout, "run") and run_keys(c.stdout, "skip") == study
+    assert not (tmp_path / "C" / "runs").exists()
     rows = lambda p: [ln for ln in p.read_text().splitlines() if ln.startswith("| ") and "|---" not in ln]
     assert rows(tmp_path / "C" / "results" / "RESULTS.md") == rows(tmp_path / "B" / "results" / "RESULTS.md")
     # another setting is another run (its own folder), never the finished one under a new label
