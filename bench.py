@@ -152,12 +152,11 @@ class TwoViews(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.transform(self.images[i])
 
 
-def simclr_step(device, C, size, compile_mode="none", layout=torch.channels_last, seed=0):
+def simclr_step(device, C, size, compile_mode="none", layout=torch.channels_last):
     """SimCLR's training step as in simclr.py (ResNet-18, projector 2048 -> 256, LARS, bf16 autocast on CUDA,
     channels_last tensors): returns step(x1, x2) -> loss. compile_mode: none, or a torch.compile mode for the
     backbone (default, reduce-overhead = CUDA graphs, max-autotune); layout: the memory format of the weights and
-    of the views (torch.contiguous_format to measure NCHW against the method files' NHWC); seed: the init."""
-    torch.manual_seed(seed)
+    of the views (torch.contiguous_format to measure NCHW against the method files' NHWC)."""
     backbone, dim = common.make_backbone("resnet18", C, size)
     projector = simclr.Projector(dim, 2048, 256)
     model = torch.nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)

@@ -365,21 +365,26 @@ def readme_summary(records, datasets, cfg, cli):
              "linear probe's 95% bootstrap interval; the untrained backbone: mean ± std over its seeds.", ""]
     protos = [("knn", "kNN"), ("linear_1pct", "linear 1%"), ("linear_10pct", "linear 10%"), ("linear", "linear 100%")]
     for d in datasets:
-        lines += [f"| {d} | " + " | ".join(n for _, n in protos) + " | minus untrained, linear 100% |",
-                  "|---|" + "---:|" * (len(protos) + 1)]
+        rows = []
         for model in ["random", "supervised"] + METHODS:
             rs = [r for r in ok if r["data"] == d and r["model"] == model]
             if not rs:
-                pending = any(r["data"] == d and r["model"] == model and r["status"] == "pending" for r in records)
-                if pending:
-                    lines.append(f"| {NAMES[model]} | " + " | ".join("not yet run" if i == 0 else "" for i in
-                                                                   range(len(protos))) + " | |")
                 continue
             cells = [auc_cell([r["results"][p] for r in rs]) if p == "linear" else mean_std(
                 [r["results"][p]["auc"] for r in rs]) for p, _ in protos]
             delta = "–" if model == "random" else paired_delta(ok, d, model, "linear").replace(" (1 seed)", "")
-            lines.append(f"| {NAMES[model]} | " + " | ".join(cells) + f" | {delta} |")
-        lines.append("")
+            rows.append(f"| {NAMES[model]} | " + " | ".join(cells) + f" | {delta} |")
+        if rows:
+            lines += [f"| {d} | " + " | ".join(n for _, n in protos) + " | minus untrained, linear 100% |",
+                      "|---|" + "---:|" * (len(protos) + 1)] + rows + [""]
+        pending = {}  # model -> seeds not yet run
+        for r in records:
+            if r["data"] == d and r["status"] == "pending":
+                pending.setdefault(r["model"], []).append(str(r["seed"]))
+        if pending:
+            lines += [f"Not yet run on {d}: " + ", ".join(
+                NAMES[m] + (f" (seed {', '.join(seeds)})" if any(r["data"] == d and r["model"] == m for r in ok)
+                            else "") for m, seeds in pending.items()) + ".", ""]
     return lines
 
 

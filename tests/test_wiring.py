@@ -180,42 +180,31 @@ def test_lars_trust_ratio_and_its_clipping_both_act_with_large_gradients():
     lr, wd, eta, mom = 0.5, 1e-3, 0.02, 0.9
     big, small = torch.nn.Parameter(torch.full((4, 3), 0.5)), torch.nn.Parameter(torch.full((2, 2), 0.5))
     bias = torch.nn.Parameter(torch.full((3,), 0.5))
-    opt = common.LARS([big, small, bias], lr=lr, momentum=mom, weight_decay=wd, eta=eta)
-    grads = {id(big): torch.full((4, 3), 10.0), id(small): torch.full((2, 2), 1e-3), id(bias): torch.full((3,), 2.0)}
-    expected, bufs = {}, {}
-    for p in (big, small, bias):
-        w, g = p.detach().flatten().tolist(), grads[id(p)].flatten().tolist()
-        if p.ndim == 1:
-            d = g
-            trust_over_lr = None
-        else:
-            wn, gn = sum(x * x for x in w) ** 0.5, sum(x * x for x in g) ** 0.5
-            trust_over_lr = eta * wn / (gn + wd * wn) / lr
-            d = [min(trust_over_lr, 1.0) * (gi + wd * wi) for gi, wi in zip(g, w)]
-        bufs[id(p)] = d
-        expected[id(p)] = ([wi - lr * di for wi, di in zip(w, d)], trust_over_lr)
-    assert expected[id(big)][1] < 0.01 and expected[id(small)][1] > 10  # both regimes are exercised
-    for p in (big, small, bias):
-        p.grad = grads[id(p)].clone()
-    opt.step()
-    for p in (big, small, bias):
-        assert p.detach().flatten().tolist() == pytest.approx(expected[id(p)][0], rel=1e-6)
-    # a second step with the same gradients: the momentum buffer carries the scaled step
-    before = {id(p): p.detach().flatten().tolist() for p in (big, small, bias)}
-    for p in (big, small, bias):
-        w, g = before[id(p)], grads[id(p)].flatten().tolist()
-        if p.ndim > 1:
-            wn, gn = sum(x * x for x in w) ** 0.5, sum(x * x for x in g) ** 0.5
-            t = min(eta * wn / (gn + wd * wn) / lr, 1.0)
-            d = [t * (gi + wd * wi) for gi, wi in zip(g, w)]
-        else:
-            d = g
-        bufs[id(p)] = [mom * b + di for b, di in zip(bufs[id(p)], d)]
-        expected[id(p)] = [wi - lr * bi for wi, bi in zip(w, bufs[id(p)])]
-        p.grad = grads[id(p)].clone()
-    opt.step()
-    for p in (big, small, bias):
-        assert p.detach().flatten().tolist() == pytest.approx(expected[id(p)], rel=1e-6)
+    params = (big, small, bias)
+    opt = common.LARS(params, lr=lr, momentum=mom, weight_decay=wd, eta=eta)
+    grads = [torch.full((4, 3), 10.0), torch.full((2, 2), 1e-3), torch.full((3,), 2.0)]
+
+    def rule(w, g, matrix):
+        """The step direction and trust / lr for weights w and gradient g (lists of floats)."""
+        if not matrix:  # bias: plain momentum SGD, no weight decay
+            return g, None
+        wn, gn = sum(x * x for x in w) ** 0.5, sum(x * x for x in g) ** 0.5
+        trust_over_lr = eta * wn / (gn + wd * wn) / lr
+        return [min(trust_over_lr, 1.0) * (gi + wd * wi) for gi, wi in zip(g, w)], trust_over_lr
+    bufs = [None] * 3
+    for step in range(2):  # the second step: the momentum buffer carries the first scaled step
+        expected = []
+        for k, (p, g) in enumerate(zip(params, grads)):
+            w = p.detach().flatten().tolist()
+            d, trust_over_lr = rule(w, g.flatten().tolist(), p.ndim > 1)
+            if step == 0 and k < 2:  # both regimes are exercised: scaled down (big) and clipped to SGD (small)
+                assert (trust_over_lr < 0.01) if k == 0 else (trust_over_lr > 10)
+            bufs[k] = d if bufs[k] is None else [mom * b + di for b, di in zip(bufs[k], d)]
+            expected.append([wi - lr * bi for wi, bi in zip(w, bufs[k])])
+            p.grad = g.clone()
+        opt.step()
+        for p, e in zip(params, expected):
+            assert p.detach().flatten().tolist() == pytest.approx(e, rel=1e-6)
 
 
 AVERAGE_SCRIPT = r"""
