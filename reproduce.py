@@ -19,10 +19,12 @@ import argparse
 import concurrent.futures
 import datetime
 import hashlib
+import importlib
 import json
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -223,9 +225,8 @@ def run_one(model, data, size, seed, cfg, cli, run_it=True):
             print(f"[stop] {key}: interrupted; rerun the same command to resume it", flush=True)
             return {**rec, "status": "pending"}
         if rc != 0 or not os.path.exists(done):
-            with open(os.path.join(run, "log.txt")) as f:
-                lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
-            reason = lines[-1] if lines else f"exit code {rc}"
+            with open(os.path.join(run, "log.txt"), errors="replace") as f:
+                reason = failure_reason(f.read(), rc)
             print(f"[fail] {key} after {wall:.0f} s: {reason}", flush=True)
             return {**rec, "status": "failed", "reason": reason, "wall_s": wall, "ran_in_part": cli.part,
                     "date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": machine()}
@@ -239,6 +240,18 @@ def run_one(model, data, size, seed, cfg, cli, run_it=True):
             rec.update(json.load(f))
     rec["curves"] = curves(os.path.join(run, "metrics.jsonl"))
     return {**rec, "status": "ok"}
+
+
+TQDM_FRAME = re.compile(r"\S+:\s+\d+%\|[^\]]*\]")  # "vicreg:   5%|▌   | 9/180 [02:34<48:55, ...]": a progress frame
+
+
+def failure_reason(log, rc):
+    """The last thing a failed run's log says that is not a progress-bar frame: the method's own message (e.g.
+    "vicreg: loss is nan at ...; Try a lower --lr."), which tqdm's frames, written around it with \\r and no newline,
+    would otherwise hide."""
+    lines = [TQDM_FRAME.sub("", ln).strip() for ln in re.split(r"[\r\n]", log)]
+    lines = [ln for ln in lines if ln]
+    return lines[-1] if lines else f"exit code {rc}"
 
 
 RUNNING = {}  # Popen -> run key: the runs in flight, for stop()
@@ -255,16 +268,21 @@ def stop(signum, frame):
 
 
 def curves(path):
-    """metrics.jsonl -> per-epoch mean train loss and the online val kNN AUC (empty for the baselines)."""
-    loss, knn = {}, {}
+    """metrics.jsonl -> per-epoch means of the train loss and of z_std (the projection's spread, see training()),
+    and the online val kNN AUC (all empty for the baselines)."""
+    loss, z_std, knn = {}, {}, {}
     if os.path.exists(path):
         with open(path) as f:
             for row in map(json.loads, f):
                 if "train/loss" in row:
                     loss.setdefault(row["epoch"] + 1, []).append(row["train/loss"])
+                if "train/z_std" in row:
+                    z_std.setdefault(row["epoch"] + 1, []).append(row["train/z_std"])
                 if "val/knn_auc" in row:
                     knn[row["epoch"] + 1] = row["val/knn_auc"]
-    return {"epoch": sorted(loss), "loss": [sum(v) / len(v) for _, v in sorted(loss.items())],
+    mean = lambda v: sum(v) / len(v) if v else None
+    return {"epoch": sorted(loss), "loss": [mean(loss[e]) for e in sorted(loss)],
+            "z_std": [mean(z_std.get(e)) for e in sorted(loss)],
             "knn_epoch": sorted(knn), "knn_auc": [knn[e] for e in sorted(knn)]}
 
 
@@ -325,6 +343,39 @@ def chosen(rs, proto):
     return ""
 
 
+def proj_dim(r):
+    """D, the width of the projection z of a run (its --proj-dim, else the method file's default)."""
+    words = r["config"].split()
+    if "--proj-dim" in words:
+        return int(words[words.index("--proj-dim") + 1])
+    return importlib.import_module(r["model"]).Args.proj_dim
+
+
+def training(ok, d):
+    """How each SSL run trained, from its curves: the train loss, the online val kNN AUC and z_std from first to
+    last epoch. z_std is the per-dimension std of the L2-normalised projection z, averaged over its D dimensions:
+    0 when every image maps to one point (collapse), 1/sqrt(D) when z is spread evenly over the sphere."""
+    lines = []
+    for r in sorted((r for r in ok if r["data"] == d and r["model"] in METHODS and r.get("curves", {}).get("loss")),
+                    key=lambda r: (METHODS.index(r["model"]), r["seed"])):
+        c = r["curves"]
+        knn = list(zip(c["knn_epoch"], c["knn_auc"]))
+        best = max(knn, key=lambda t: t[1]) if knn else None
+        knn_cell = (f"{knn[0][1]:.3f} (ep {knn[0][0]}) → best {best[1]:.3f} (ep {best[0]}) → {knn[-1][1]:.3f} "
+                    f"(ep {knn[-1][0]}); last − best {knn[-1][1] - best[1]:+.3f}") if knn else "–"
+        z = [v for v in c.get("z_std", []) if v is not None]
+        z_cell = f"{z[0]:.4f} → {z[-1]:.4f} (1/√D = {proj_dim(r) ** -0.5:.4f})" if z else "not recorded"
+        lines.append(f"| {NAMES[r['model']]} | {r['seed']} | {c['loss'][0]:.3f} → {c['loss'][-1]:.3f} "
+                     f"(min {min(c['loss']):.3f}, ep {c['epoch'][c['loss'].index(min(c['loss']))]}) | {knn_cell} "
+                     f"| {z_cell} |")
+    if not lines:
+        return []
+    return ["", "Training, per run (epoch means; val kNN AUC online, every eval_every epochs; z_std: the per-dimension "
+            "std of the L2-normalised projection z, 0 = collapsed to one point, 1/√D = spread evenly; see curves.png):",
+            "", "| model | seed | train loss, epoch 1 → last | val kNN AUC, first → best → last | z_std, epoch 1 → "
+            "last |", "|---|---:|---|---|---|"] + lines
+
+
 def mean_auc(ok, d, model, proto):
     vals = [r["results"][proto]["auc"] for r in ok if r["model"] == model and r["data"] == d and proto in r["results"]]
     return sum(vals) / len(vals) if vals else None
@@ -377,6 +428,10 @@ def readme_summary(records, datasets, cfg, cli):
         if rows:
             lines += [f"| {d} | " + " | ".join(n for _, n in protos) + " | minus untrained, linear 100% |",
                       "|---|" + "---:|" * (len(protos) + 1)] + rows + [""]
+        failed = [f"{NAMES[r['model']]} (seed {r['seed']}: {r['reason']})" for r in records
+                  if r["data"] == d and r["status"] == "failed"]
+        if failed:
+            lines += [f"Failed on {d}, no results: " + "; ".join(failed) + ".", ""]
         pending = {}  # model -> seeds not yet run
         for r in records:
             if r["data"] == d and r["status"] == "pending":
@@ -428,7 +483,7 @@ def write_table(records, datasets, cfg, cli, wall):
         if r["status"] == "failed":
             reasons.setdefault(r["reason"], []).append(f"{r['model']}-{r['data']}-s{r['seed']}")
     commands = {r["reason"]: r["config"] for r in records if r["status"] == "failed" and r["model"] == "imagenet"}
-    lines += [f"- Not run: {', '.join(runs)}. {reason}" + (f" Where the weights exist: `python {commands[reason]} "
+    lines += [f"- Failed, no results: {', '.join(runs)}. {reason}" + (f" Where the weights exist: `python {commands[reason]} "
               "--weights FILE` (or the torch hub cache)." if reason in commands else "")
               for reason, runs in reasons.items()]
     pending = [f"{r['model']}-{r['data']}-s{r['seed']}" for r in records if r["status"] == "pending"]
@@ -455,8 +510,9 @@ def write_table(records, datasets, cfg, cli, wall):
                   "| model | " + " | ".join(n for _, n in protos) + " |", "|---|" + "---:|" * len(protos)]
         for model in METHODS + ["supervised", "imagenet"]:
             if any(r["model"] == model and r["data"] == d for r in ok):
-                lines.append(f"| {NAMES[model]} | " + " | ".join(paired_delta(ok, d, model, proto) for proto, _ in protos) + " |")
-        lines.append("")
+                lines.append(f"| {NAMES[model]} | " + " | ".join(paired_delta(ok, d, model, proto)
+                                                               for proto, _ in protos) + " |")
+        lines += training(ok, d) + [""]
     lines += ["## Figures", "", "![loss and online kNN](curves.png)", "",
               "![label efficiency](label_efficiency.png)", "", "![embedding](embedding.png)", "",
               "## Parts", "", "Each part (`--part I/N`) ran in one invocation; its runs were assigned by the "
@@ -558,7 +614,8 @@ def figures(records, datasets, out):
         ax.set_xlabel("train labels for the linear probe")
         ax.set_ylabel("test AUC")
         ax.set_title(d)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a dataset with no finished run yet has nothing to label
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "label_efficiency.png"), dpi=80)
     plt.close(fig)

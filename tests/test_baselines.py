@@ -119,11 +119,48 @@ def test_mean_std_and_curves(tmp_path):
     assert reproduce.mean_std(vals + [float("nan")]) == f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
     assert reproduce.mean_std([]) == "–"
     log = tmp_path / "metrics.jsonl"
-    rows = [{"epoch": 0, "train/loss": 4.0}, {"epoch": 0, "train/loss": 2.0}, {"epoch": 0, "val/knn_auc": 0.7},
-            {"epoch": 1, "train/loss": 1.0}]
+    rows = [{"epoch": 0, "train/loss": 4.0, "train/z_std": 0.5}, {"epoch": 0, "train/loss": 2.0, "train/z_std": 0.25},
+            {"epoch": 0, "val/knn_auc": 0.7}, {"epoch": 1, "train/loss": 1.0}]  # epoch 2 without z_std (older log)
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     c = reproduce.curves(str(log))
-    assert c == {"epoch": [1, 2], "loss": [3.0, 1.0], "knn_epoch": [1], "knn_auc": [0.7]}
+    assert c == {"epoch": [1, 2], "loss": [3.0, 1.0], "z_std": [0.375, None], "knn_epoch": [1], "knn_auc": [0.7]}
+
+
+def test_training_table():
+    """Each SSL run's training row: loss first -> last with its minimum, val kNN first -> best -> last, z_std
+    against 1/sqrt(D) with D from --proj-dim or the method file's default; runs without curves give no row."""
+    barlow = {"model": "barlow", "data": "d", "seed": 0, "config": "barlow.py --data d",
+              "curves": {"epoch": [1, 2, 3], "loss": [5.0, 3.0, 4.0], "z_std": [0.01, 0.02, 0.03],
+                         "knn_epoch": [1, 2, 3], "knn_auc": [0.6, 0.9, 0.8]}}
+    simclr = {"model": "simclr", "data": "d", "seed": 1, "config": "simclr.py --proj-dim 64",
+              "curves": {"epoch": [1], "loss": [2.0], "z_std": [None], "knn_epoch": [], "knn_auc": []}}
+    rand = {"model": "random", "data": "d", "seed": 0, "config": "evaluate.py", "curves": {"epoch": [], "loss": []}}
+    rows = [ln for ln in reproduce.training([barlow, simclr, rand], "d") if ln.startswith("| ") and "seed" not in ln]
+    assert rows == ["| SimCLR | 1 | 2.000 → 2.000 (min 2.000, ep 1) | – | not recorded |",
+                    "| Barlow Twins | 0 | 5.000 → 4.000 (min 3.000, ep 2) | 0.600 (ep 1) → best 0.900 (ep 2) → 0.800 "
+                    f"(ep 3); last − best -0.100 | 0.0100 → 0.0300 (1/√D = {2048 ** -0.5:.4f}) |"]
+    assert reproduce.proj_dim(simclr) == 64 and reproduce.proj_dim({**simclr, "config": "simclr.py"}) == 256
+    assert reproduce.training([rand], "d") == [] and reproduce.training([barlow], "other") == []
+
+
+def test_failure_reason_is_the_message_not_the_progress_bar():
+    """A run that stops itself (NaN loss) prints its message between tqdm frames written with \\r and no newline;
+    the reason recorded is that message. Built with tqdm itself, as a method file's log is."""
+    import io
+    from tqdm import tqdm
+    log = io.StringIO()
+    bar = tqdm(total=180, desc="vicreg", unit="step", file=log, mininterval=0, ascii=False)
+    for _ in range(9):
+        bar.set_postfix(loss="4236260.000", epoch=1)
+        bar.update()
+    msg = "vicreg: loss is nan at epoch 1 step 10; stopped, no checkpoint yet. Try a lower --lr."
+    log.write(msg + "\n")  # SystemExit's message, on the line of the last frame
+    bar.close()  # interpreter exit closes the bar: one more frame after the message
+    assert "\r" in log.getvalue() and log.getvalue().rstrip().splitlines()[-1] != msg  # what hid it
+    assert reproduce.failure_reason(log.getvalue(), 1) == msg
+    assert reproduce.failure_reason("Traceback (most recent call last):\nValueError: bad --lr\n", 1) == \
+        "ValueError: bad --lr"
+    assert reproduce.failure_reason("", 3) == reproduce.failure_reason("\r\n", 3) == "exit code 3"
 
 
 def run_keys(stdout, tag):
@@ -171,7 +208,8 @@ def test_reproduce_parts_on_two_machines_make_one_study(tmp_path):
     assert "committed in" in b.stdout
     table = (tmp_path / "B" / "results" / "RESULTS.md").read_text()
     assert "Not yet run" not in table and "| linear 100% | random init |" in table and "| fine-tune | SimCLR |" in table
-    assert "Not run: imagenet-pneumonia-28-s0" in table and "no-weights.pth" in table  # failed, with the reason
+    assert "Failed, no results: imagenet-pneumonia-28-s0" in table and "no-weights.pth" in table  # with the reason
+    assert "Failed on pneumonia-28, no results: ImageNet transfer (seed 0: " in block  # the README says so too
     assert "Where the weights exist: `python evaluate.py --init imagenet" in table  # and the command to run it
     knn = next(line for line in table.splitlines() if line.startswith("| kNN | SimCLR |"))
     assert re.search(r"\| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \|", knn) and "k = " in knn  # one seed: CI, chosen k
@@ -181,6 +219,9 @@ def test_reproduce_parts_on_two_machines_make_one_study(tmp_path):
         assert (tmp_path / "B" / "results" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rec = json.loads((tmp_path / "B" / "results" / "runs" / "cpu-simclr-pneumonia-28-s0.json").read_text())
     assert rec["status"] == "ok" and rec["curves"]["epoch"] == [1] and rec["results"]["finetune"]["epochs"] == 1
+    assert len(rec["curves"]["z_std"]) == 1 and 0 < rec["curves"]["z_std"][0] < 1  # from the method's own log
+    assert re.search(r"^\| SimCLR \| 0 \| \d+\.\d{3} → \d+\.\d{3} .*\| 0\.\d{4} → 0\.\d{4} \(1/√D = 0\.0625\) \|$", table,
+                     re.M)  # its training row, D = simclr.py's 256
     # a third machine with the committed JSON only, and no data: --table-only trains nothing, same table
     (tmp_path / "C" / "results" / "runs").mkdir(parents=True)
     for f in (tmp_path / "B" / "results" / "runs").glob("*.json"):
