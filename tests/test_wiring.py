@@ -208,7 +208,7 @@ def test_lars_trust_ratio_and_its_clipping_both_act_with_large_gradients():
 
 
 AVERAGE_SCRIPT = r"""
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import common
 rank, world, _ = common.init_distributed()
@@ -217,7 +217,8 @@ for i, p in enumerate(net.parameters()):
     p.grad = torch.full_like(p, float(rank * (i + 1)))  # rank r's gradient of parameter i: r (i + 1)
 net[1].weight.grad = None  # a parameter without a gradient (e.g. frozen) stays without
 common.average_gradients(net)
-print("rank", rank, [None if p.grad is None else sorted(set(p.grad.flatten().tolist())) for p in net.parameters()])
+line = f"rank {rank} {[None if p.grad is None else sorted(set(p.grad.flatten().tolist())) for p in net.parameters()]}\n"
+os.write(1, line.encode())  # one write of a short line: atomic on the shared pipe (print() interleaved the ranks)
 dist.destroy_process_group()
 """
 
