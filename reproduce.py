@@ -365,9 +365,9 @@ def training(ok, d):
                     f"(ep {knn[-1][0]}); last − best {knn[-1][1] - best[1]:+.3f}") if knn else "–"
         z = [v for v in c.get("z_std", []) if v is not None]
         z_cell = f"{z[0]:.4f} → {z[-1]:.4f} (1/√D = {proj_dim(r) ** -0.5:.4f})" if z else "not recorded"
+        low, low_epoch = min(zip(c["loss"], c["epoch"]))  # the lowest epoch-mean loss and its (first) epoch
         lines.append(f"| {NAMES[r['model']]} | {r['seed']} | {c['loss'][0]:.3f} → {c['loss'][-1]:.3f} "
-                     f"(min {min(c['loss']):.3f}, ep {c['epoch'][c['loss'].index(min(c['loss']))]}) | {knn_cell} "
-                     f"| {z_cell} |")
+                     f"(min {low:.3f}, ep {low_epoch}) | {knn_cell} | {z_cell} |")
     if not lines:
         return []
     return ["", "Training, per run (epoch means; val kNN AUC online, every eval_every epochs; z_std: the per-dimension "
