@@ -43,6 +43,8 @@ import runs
 ANCHORS = ("Anchors (MedMNIST v2, supervised ResNet-18 at 28 px, full data, 100 epochs): PneumoniaMNIST "
            "ACC 0.854 / AUC 0.944, BreastMNIST ACC 0.863 / AUC 0.901.")
 # epochs, batch_size, warmup_epochs, eval_every and finetune_epochs are one value or one per data entry.
+# method_flags: {method: flags, or {data entry: flags}}, '--option value' pairs that replace or extend one method's
+# command (its own --lr or --warmup-epochs, chosen on val); they enter the run's config hash, so only it reruns.
 # minutes: each run's wall time measured on the 2-core CPU (per data entry and model; see results/RESULTS.md's parts
 # table), which --part uses to split the study into parts of about equal time; parts: how many (each <= 100 min).
 # Estimated 2026-12-02 from per-step times of each method file measured on the 2-core CPU (pneumonia: 20.5 s per
@@ -100,6 +102,20 @@ ABLATION = {"paper recipe (crop 0.08, jitter 0.4, blur)": ["--min-scale", "0.08"
 PER_DATA = ("epochs", "batch_size", "warmup_epochs", "eval_every", "finetune_epochs")
 
 
+def with_flags(cmd, flags):
+    """cmd with each '--option value' pair of flags: replacing that option's value where cmd has it, else appended.
+    A preset's method_flags thus change one method's recipe (e.g. its --lr or --warmup-epochs) and nothing else."""
+    if len(flags) % 2 or not all(f.startswith("--") for f in flags[::2]):
+        raise ValueError(f"method flags {flags}: expected '--option value' pairs")
+    cmd = list(cmd)
+    for opt, value in zip(flags[::2], flags[1::2]):
+        if opt in cmd:
+            cmd[cmd.index(opt) + 1] = value
+        else:
+            cmd += [opt, value]
+    return cmd
+
+
 def parse_spec(spec, default_size):
     """'breast@64' -> ('breast', 64); 'pneumonia' -> ('pneumonia', default_size); a folder may contain '@'."""
     data, at, size = spec.rpartition("@")
@@ -152,6 +168,7 @@ def command(model, data, size, seed, cfg, run, cli):
     if model in METHODS:
         cmd = py + [f"{model}.py", *common_args, "--epochs", str(cfg["epochs"]), "--eval-every", str(cfg["eval_every"]),
                     "--warmup-epochs", str(cfg["warmup_epochs"]), "--out", run, *cfg.get("extra", [])]
+        cmd = with_flags(cmd, cfg.get("method_flags", {}).get(model, []))  # this data entry's, set in main()
         return cmd + ["--resume"]  # continues an interrupted run of this config; starts one when there is none
     cmd = py + ["evaluate.py", "--init", model, *common_args, "--out", os.path.join(run, "results.json")]
     if model == "supervised":
@@ -478,6 +495,10 @@ def write_table(records, datasets, cfg, cli, wall):
              "baseline also its own head (its backbone saw every train label, so its frozen-feature rows are not "
              "label-efficient).",
              "- " + ANCHORS]
+    for m, flags in cfg.get("method_flags", {}).items():  # each run's full command is in the Runs table
+        lines.append(f"- {NAMES[m]}'s own settings, chosen on the val split (results/NOTES.md): "
+                     + "; ".join(f"{k}: `{' '.join(v)}`" for k, v in (flags.items() if isinstance(flags, dict)
+                                                                       else [("every dataset", flags)])))
     reasons = {}  # the same failure (ImageNet weights offline) is listed once, with every run it stopped
     for r in records:
         if r["status"] == "failed":
@@ -723,7 +744,9 @@ def main(argv=None):
         # subset asked for, --table-only needs no data on this machine
         n_train = (len(dataset.load(data, size, cli.data_dir or None, 0)["train"][1])
                    if cfg["train_subset"] or not cli.table_only else None)
+        per_method = cfg.get("method_flags", {})  # per method: flags for every entry, or a dict keyed by the entry
         run_cfg = {**cfg, **{k: setting(cfg, k, spec) for k in PER_DATA}, "n_train": n_train,
+                   "method_flags": {m: setting(per_method, m, spec) or [] for m in per_method},
                    "subset": cfg["train_subset"] if n_train and 0 < cfg["train_subset"] < n_train else 0}
         datasets.append(data_name(data, size))
         if cli.ablate:  # one SimCLR run per variant, each in its own runs folder

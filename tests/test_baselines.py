@@ -291,6 +291,31 @@ def test_table_cells_paired_differences_and_specs(tmp_path):
     assert reproduce.setting(reproduce.PRESETS["gpu"], "epochs", "pneumonia") >= 200  # the minimum
 
 
+def test_method_flags_change_only_the_named_method():
+    import argparse
+    import importlib
+    cli = argparse.Namespace(preset="cpu", data_dir="", weights=None)
+    base = dict(arch="resnet18", finetune_epochs=1, batch_size=256, subset=0, epochs=10, eval_every=5, warmup_epochs=1,
+                imagenet_size=224)
+    tuned = {**base, "method_flags": {"vicreg": ["--warmup-epochs", "3", "--lr", "0.1"]}}
+    for model in ("simclr", "barlow", "random", "supervised"):  # their runs (and committed records) stay valid
+        assert reproduce.identity(model, "pneumonia", 28, 0, tuned, cli) == \
+            reproduce.identity(model, "pneumonia", 28, 0, base, cli)
+    config, digest = reproduce.identity("vicreg", "pneumonia", 28, 0, tuned, cli)
+    args = config.split()
+    assert args.count("--warmup-epochs") == 1 and args[args.index("--warmup-epochs") + 1] == "3"  # replaced
+    assert args[-2:] == ["--lr", "0.1"]  # appended
+    assert digest != reproduce.identity("vicreg", "pneumonia", 28, 0, base, cli)[1]  # so the run is redone
+    for bad in (["--lr"], ["lr", "0.1"], ["--lr", "0.1", "0.2"]):
+        with pytest.raises(ValueError, match="'--option value' pairs"):
+            reproduce.with_flags(["x.py"], bad)
+    for name, preset in reproduce.PRESETS.items():  # every preset's method flags parse as that method's options
+        for method, flags in preset.get("method_flags", {}).items():
+            for entry in (flags.values() if isinstance(flags, dict) else [flags]):
+                assert reproduce.with_flags([], entry)
+                common.parse_args(importlib.import_module(method).Args, entry)
+
+
 def test_training_with_labels_stops_on_a_non_finite_loss(tmp_path):
     np.savez(tmp_path / "pneumoniamnist.npz", **make_arrays(n=(32, 8, 8), seed=1))
     ds = dataset.load("pneumonia", 28, str(tmp_path))
