@@ -600,7 +600,11 @@ def figures(records, datasets, out):
         for j, m in enumerate(METHODS):
             ax, r = axes[i, j], first.get((m, d))
             ax.set_title(f"{NAMES[m]}, {d}", fontsize=9)
-            if r is None:
+            if r is None:  # say why the panel is empty: the run failed (its message is in RESULTS.md) or is to come
+                failed = any(x["status"] == "failed" and (x["model"], x["data"]) == (m, d) for x in records)
+                ax.text(0.5, 0.5, "failed (RESULTS.md)" if failed else "not run yet", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=9, color="gray")
+                ax.set_axis_off()
                 continue
             c = r["curves"]
             ax.plot(c["epoch"], c["loss"], color=colors[m])
