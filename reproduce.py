@@ -116,6 +116,24 @@ def with_flags(cmd, flags):
     return cmd
 
 
+def check_method_flags(name, preset):
+    """Refuse, before any run starts, a preset whose method_flags name no method, no data entry of the preset, or
+    are not options of that method's file (parsed and range-checked by its own Args, as the run would be)."""
+    for method, flags in preset.get("method_flags", {}).items():
+        if method not in METHODS:
+            raise SystemExit(f"preset {name}: method_flags names '{method}': expected one of {', '.join(METHODS)}")
+        for entry, argv in (flags.items() if isinstance(flags, dict) else [("every entry", flags)]):
+            if entry != "every entry" and entry not in preset["data"]:
+                raise SystemExit(f"preset {name}: method_flags for {method} name data entry '{entry}': expected "
+                                 f"one of {', '.join(preset['data'])}")
+            try:
+                with_flags([], argv)
+                common.parse_args(importlib.import_module(method).Args, argv)
+            except (ValueError, SystemExit):  # argparse has printed which option and why
+                raise SystemExit(f"preset {name}: method_flags for {method} ({entry}) {argv}: expected '--option "
+                                 f"value' pairs of {method}.py's options (see python {method}.py --help)") from None
+
+
 def parse_spec(spec, default_size):
     """'breast@64' -> ('breast', 64); 'pneumonia' -> ('pneumonia', default_size); a folder may contain '@'."""
     data, at, size = spec.rpartition("@")
@@ -707,6 +725,7 @@ def main(argv=None):
     cli = ap.parse_args(argv)
     cli.argv = argv
     cfg = dict(PRESETS[cli.preset])
+    check_method_flags(cli.preset, cfg)
     specs = (cfg["data"] if cli.data is None else cli.data) + cli.folders
     if not specs:
         raise SystemExit("nothing to run: give --data flags and/or --folders")

@@ -293,7 +293,6 @@ def test_table_cells_paired_differences_and_specs(tmp_path):
 
 def test_method_flags_change_only_the_named_method():
     import argparse
-    import importlib
     cli = argparse.Namespace(preset="cpu", data_dir="", weights=None)
     base = dict(arch="resnet18", finetune_epochs=1, batch_size=256, subset=0, epochs=10, eval_every=5, warmup_epochs=1,
                 imagenet_size=224)
@@ -309,11 +308,19 @@ def test_method_flags_change_only_the_named_method():
     for bad in (["--lr"], ["lr", "0.1"], ["--lr", "0.1", "0.2"]):
         with pytest.raises(ValueError, match="'--option value' pairs"):
             reproduce.with_flags(["x.py"], bad)
-    for name, preset in reproduce.PRESETS.items():  # every preset's method flags parse as that method's options
-        for method, flags in preset.get("method_flags", {}).items():
-            for entry in (flags.values() if isinstance(flags, dict) else [flags]):
-                assert reproduce.with_flags([], entry)
-                common.parse_args(importlib.import_module(method).Args, entry)
+    for name, preset in reproduce.PRESETS.items():  # the committed presets pass the check run() makes first
+        reproduce.check_method_flags(name, preset)
+    good = {"data": ["pneumonia", "breast"], "method_flags": {"vicreg": {"breast": ["--lr", "0.1"]},
+                                                              "barlow": ["--warmup-epochs", "3"]}}
+    reproduce.check_method_flags("good", good)
+    for flags, says in ((["--lr", "0.1"], "expected one of simclr"),                    # no such method
+                        ({"chest": ["--lr", "0.1"]}, "data entry 'chest'"),          # no such data entry
+                        (["--learning-rate", "0.1"], "options"),                     # not an option of vicreg.py
+                        (["--lr", "-1"], "options"),                                 # out of its range
+                        (["--lr"], "options")):                                      # not a pair
+        method = "moco" if says.startswith("expected one") else "vicreg"
+        with pytest.raises(SystemExit, match=says):
+            reproduce.check_method_flags("bad", {"data": ["pneumonia"], "method_flags": {method: flags}})
 
 
 def test_training_with_labels_stops_on_a_non_finite_loss(tmp_path):
