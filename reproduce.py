@@ -375,7 +375,18 @@ def chosen(rs, proto):
         return "k = " + ", ".join(str(x["k"]) for x in rs)
     if proto in ("finetune", "supervised") and all("epoch" in x for x in rs):
         return "epoch " + ", ".join(f"{x['epoch']}/{x['epochs']}" for x in rs)
+    if proto in FRACTIONS and all("wd" in x for x in rs):  # the probe's L2 and, below 100%, how few labels it had
+        return "L2 " + ", ".join(f"{x['wd']:g}" for x in rs) + "".join(
+            f"; {n} labels" for n in sorted({x["n_labels"] for x in rs if proto != "linear" and "n_labels" in x}))
     return ""
+
+
+def header(ok, d, proto, name):
+    """A protocol's column name; a label fraction also says how many train labels that is on dataset d (1% of
+    BreastMNIST's 546 is 5 images, one of them malignant: a probe from one example per class, not a trend)."""
+    n = sorted({r["results"][proto]["n_labels"] for r in ok
+                if r["data"] == d and "n_labels" in r["results"].get(proto, {})})
+    return f"{name} ({'/'.join(map(str, n))} labels)" if n and proto != "linear" else name
 
 
 def proj_dim(r):
@@ -461,7 +472,8 @@ def readme_summary(records, datasets, cfg, cli):
             delta = "–" if model == "random" else paired_delta(ok, d, model, "linear").replace(" (1 seed)", "")
             rows.append(f"| {NAMES[model]} | " + " | ".join(cells) + f" | {delta} |")
         if rows:
-            lines += [f"| {d} | " + " | ".join(n for _, n in protos) + " | minus untrained, linear 100% |",
+            lines += [f"| {d} | " + " | ".join(header(ok, d, p, n) for p, n in protos) +
+                      " | minus untrained, linear 100% |",
                       "|---|" + "---:|" * (len(protos) + 1)] + rows + [""]
         failed = [f"{NAMES[r['model']]} (seed {r['seed']}: {r['reason']})" for r in records
                   if r["data"] == d and r["status"] == "failed"]

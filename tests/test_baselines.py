@@ -201,6 +201,8 @@ def test_reproduce_parts_on_two_machines_make_one_study(tmp_path):
     block = readme.read_text()
     assert block.startswith("# title\n\n") and block.endswith(f"{reproduce.README_END}\n\n## after\n")
     assert "stale" not in block and "from 3 of 3 runs (2 finished" in block
+    # 20 train images per class: 1% rounds to 0 per class, raised to one each; 10% is 2 each
+    assert "| pneumonia-28 | kNN | linear 1% (2 labels) | linear 10% (4 labels) | linear 100% |" in block
     assert re.search(r"^\| SimCLR \| \d\.\d{3} \| \d\.\d{3} \| \d\.\d{3} \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \| [+-]\d\.\d{3} \|$",
                      block, re.M), block
     assert run_keys(b.stdout, "run") == study - ran_a  # its own share, and nothing of A's
@@ -213,6 +215,8 @@ def test_reproduce_parts_on_two_machines_make_one_study(tmp_path):
     assert "Where the weights exist: `python evaluate.py --init imagenet" in table  # and the command to run it
     knn = next(line for line in table.splitlines() if line.startswith("| kNN | SimCLR |"))
     assert re.search(r"\| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \|", knn) and "k = " in knn  # one seed: CI, chosen k
+    one_pct = next(line for line in table.splitlines() if line.startswith("| linear 1% | SimCLR |"))
+    assert re.search(r"\| L2 [0-9.e-]+; 2 labels \|$", one_pct), one_pct  # the probe's chosen L2, its label count
     assert re.search(r"^\| SimCLR \| [+-]\d\.\d{3} \(1 seed\) \|", table, re.M)  # the paired difference
     assert re.search(r"^\| 1/2 \| \d \| \d \| \d+ \| \d+\.\d \| \d{4}-\d\d-\d\d, ", table, re.M)  # parts table
     for png in ("curves.png", "label_efficiency.png", "embedding.png"):
