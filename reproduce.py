@@ -542,6 +542,11 @@ def write_table(records, datasets, cfg, cli, wall):
         lines.append(f"- Not yet run ({len(pending)} of {len(records)}; another --part, or in progress): "
                      f"{', '.join(pending)}.")
     lines.append("")
+    reading = os.path.join(cli.out, f"reading-{cli.preset}.md")  # hand-written: what the committed study shows
+    if os.path.exists(reading) and not cli.ablate:
+        with open(reading, encoding="utf-8") as f:
+            lines += [f"## Reading (hand-written, {os.path.basename(reading)}; the tables below are generated)", "",
+                      f.read().strip(), ""]
     for d in datasets:
         r0 = next(r for r in records if r["data"] == d)
         n_train = next((r["n_train"] for r in records if r["data"] == d and r.get("n_train")), "")

@@ -196,6 +196,7 @@ def test_reproduce_parts_on_two_machines_make_one_study(tmp_path):
         shutil.copy(f, tmp_path / "B" / "results" / "runs")
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\n{reproduce.README_BEGIN}\nstale\n{reproduce.README_END}\n\n## after\n")
+    (tmp_path / "B" / "results" / "reading-cpu.md").write_text("SimCLR wins here, by luck.\n")  # the hand-written part
     b = machine("B", "--part", "2/2", "--readme", str(readme))
     assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
     block = readme.read_text()
@@ -210,6 +211,8 @@ def test_reproduce_parts_on_two_machines_make_one_study(tmp_path):
     assert "committed in" in b.stdout
     table = (tmp_path / "B" / "results" / "RESULTS.md").read_text()
     assert "Not yet run" not in table and "| linear 100% | random init |" in table and "| fine-tune | SimCLR |" in table
+    assert "## Reading (hand-written, reading-cpu.md; the tables below are generated)\n\nSimCLR wins here, by luck.\n" \
+        in table and table.index("## Reading") < table.index("## pneumonia-28")
     assert "Failed, no results: imagenet-pneumonia-28-s0" in table and "no-weights.pth" in table  # with the reason
     assert "Failed on pneumonia-28, no results: ImageNet transfer (seed 0: " in block  # the README says so too
     assert "Where the weights exist: `python evaluate.py --init imagenet" in table  # and the command to run it
