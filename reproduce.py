@@ -122,16 +122,17 @@ def check_method_flags(name, preset):
     for method, flags in preset.get("method_flags", {}).items():
         if method not in METHODS:
             raise SystemExit(f"preset {name}: method_flags names '{method}': expected one of {', '.join(METHODS)}")
-        for entry, argv in (flags.items() if isinstance(flags, dict) else [("every entry", flags)]):
-            if entry != "every entry" and entry not in preset["data"]:
+        for entry, argv in (flags.items() if isinstance(flags, dict) else [(None, flags)]):  # None: every entry
+            if entry is not None and entry not in preset["data"]:
                 raise SystemExit(f"preset {name}: method_flags for {method} name data entry '{entry}': expected "
                                  f"one of {', '.join(preset['data'])}")
             try:
                 with_flags([], argv)
                 common.parse_args(importlib.import_module(method).Args, argv)
             except (ValueError, SystemExit):  # argparse has printed which option and why
-                raise SystemExit(f"preset {name}: method_flags for {method} ({entry}) {argv}: expected '--option "
-                                 f"value' pairs of {method}.py's options (see python {method}.py --help)") from None
+                raise SystemExit(f"preset {name}: method_flags for {method} ({entry or 'every entry'}) {argv}: "
+                                 f"expected '--option value' pairs of {method}.py's options (see python {method}.py "
+                                 "--help)") from None
 
 
 def parse_spec(spec, default_size):
@@ -376,17 +377,20 @@ def chosen(rs, proto):
     if proto in ("finetune", "supervised") and all("epoch" in x for x in rs):
         return "epoch " + ", ".join(f"{x['epoch']}/{x['epochs']}" for x in rs)
     if proto in FRACTIONS and all("wd" in x for x in rs):  # the probe's L2 and, below 100%, how few labels it had
-        return "L2 " + ", ".join(f"{x['wd']:g}" for x in rs) + "".join(
-            f"; {n} labels" for n in sorted({x["n_labels"] for x in rs if proto != "linear" and "n_labels" in x}))
+        return "L2 " + ", ".join(f"{x['wd']:g}" for x in rs) + "".join(f"; {n} labels" for n in n_labels(rs, proto))
     return ""
+
+
+def n_labels(rs, proto):
+    """The train label counts a label fraction below 100% had in these protocol results (sorted, distinct)."""
+    return sorted({x["n_labels"] for x in rs if "n_labels" in x}) if proto in FRACTIONS and proto != "linear" else []
 
 
 def header(ok, d, proto, name):
     """A protocol's column name; a label fraction also says how many train labels that is on dataset d (1% of
     BreastMNIST's 546 is 5 images, one of them malignant: a probe from one example per class, not a trend)."""
-    n = sorted({r["results"][proto]["n_labels"] for r in ok
-                if r["data"] == d and "n_labels" in r["results"].get(proto, {})})
-    return f"{name} ({'/'.join(map(str, n))} labels)" if n and proto != "linear" else name
+    n = n_labels([r["results"][proto] for r in ok if r["data"] == d and proto in r["results"]], proto)
+    return f"{name} ({'/'.join(map(str, n))} labels)" if n else name
 
 
 def proj_dim(r):
@@ -543,7 +547,7 @@ def write_table(records, datasets, cfg, cli, wall):
                      f"{', '.join(pending)}.")
     lines.append("")
     reading = os.path.join(cli.out, f"reading-{cli.preset}.md")  # hand-written: what the committed study shows
-    if os.path.exists(reading) and not cli.ablate:
+    if os.path.exists(reading):  # (--ablate writes its own table, without it)
         with open(reading, encoding="utf-8") as f:
             lines += [f"## Reading (hand-written, {os.path.basename(reading)}; the tables below are generated)", "",
                       f.read().strip(), ""]

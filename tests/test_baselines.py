@@ -322,8 +322,8 @@ def test_method_flags_change_only_the_named_method():
     reproduce.check_method_flags("good", good)
     for flags, says in ((["--lr", "0.1"], "expected one of simclr"),                    # no such method
                         ({"chest": ["--lr", "0.1"]}, "data entry 'chest'"),          # no such data entry
-                        (["--learning-rate", "0.1"], "options"),                     # not an option of vicreg.py
-                        (["--lr", "-1"], "options"),                                 # out of its range
+                        (["--learning-rate", "0.1"], r"vicreg \(every entry\).*options"),  # not vicreg.py's
+                        ({"pneumonia": ["--lr", "-1"]}, r"vicreg \(pneumonia\).*options"),  # out of its range
                         (["--lr"], "options")):                                      # not a pair
         method = "moco" if says.startswith("expected one") else "vicreg"
         with pytest.raises(SystemExit, match=says):
