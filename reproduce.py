@@ -586,6 +586,10 @@ def write_table(records, datasets, cfg, cli, wall):
         when = sorted({f"{r['date'][:10]}, {r['machine'].split(',')[0]}" for r in done if r.get("date")})
         lines.append(f"| {p} | {len(rs)} | {len(done)} | {sum(r['estimate_min'] for r in rs):.0f} | "
                      f"{sum(r.get('wall_s') or 0 for r in done) / 60:.1f} | {'; '.join(when) or '–'} |")
+    done = [r for r in records if r["status"] != "pending"]  # the whole study's machine time so far
+    wall_min = sum(r.get("wall_s") or 0 for r in done) / 60
+    lines.append(f"| all | {len(records)} | {len(done)} | {sum(r['estimate_min'] for r in records):.0f} | "
+                 f"{wall_min:.1f} ({wall_min / 60:.1f} h) | |")
     lines += ["", "## Runs", "", "| run | part | status | wall (min) | date |", "|---|---|---|---:|---|"]
     for r in records:
         status = {"ok": "ok", "pending": "not yet run"}.get(r["status"], "failed (see above)")

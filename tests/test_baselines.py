@@ -222,6 +222,10 @@ def test_reproduce_parts_on_two_machines_make_one_study(tmp_path):
     assert re.search(r"\| L2 [0-9.e-]+; 2 labels \|$", one_pct), one_pct  # the probe's chosen L2, its label count
     assert re.search(r"^\| SimCLR \| [+-]\d\.\d{3} \(1 seed\) \|", table, re.M)  # the paired difference
     assert re.search(r"^\| 1/2 \| \d \| \d \| \d+ \| \d+\.\d \| \d{4}-\d\d-\d\d, ", table, re.M)  # parts table
+    parts = re.findall(r"^\| (\d/2|all) \| (\d) \| (\d) \| \d+ \| (\d+\.\d)", table, re.M)
+    assert [p for p, *_ in parts] == ["1/2", "2/2", "all"]  # and the whole study's total: the parts' sum
+    assert [int(parts[2][i]) for i in (1, 2)] == [3, 3] and abs(sum(float(m) for *_, m in parts[:2]) -
+                                                             float(parts[2][3])) <= 0.1
     for png in ("curves.png", "label_efficiency.png", "embedding.png"):
         assert (tmp_path / "B" / "results" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rec = json.loads((tmp_path / "B" / "results" / "runs" / "cpu-simclr-pneumonia-28-s0.json").read_text())
