@@ -393,6 +393,11 @@ def header(ok, d, proto, name):
     return f"{name} ({'/'.join(map(str, n))} labels)" if n else name
 
 
+def wall_min(rs):
+    """The runs' own wall times summed, in minutes (a run not yet run counts 0)."""
+    return sum(r.get("wall_s") or 0 for r in rs) / 60
+
+
 def proj_dim(r):
     """D, the width of the projection z of a run (its --proj-dim, else the method file's default)."""
     words = r["config"].split()
@@ -516,7 +521,7 @@ def write_table(records, datasets, cfg, cli, wall):
              f"{sum(r['status'] != 'pending' and not r.get('committed') for r in records)} runs of this invocation "
              f"or its run folders; each run's date, machine and part are in the Parts and Runs tables below",
              f"- Wall time of this invocation: {wall / 60:.1f} min with {cli.jobs} run(s) at once; sum of the runs' "
-             f"own wall times, when they ran: {sum(r.get('wall_s') or 0 for r in records) / 60:.1f} min",
+             f"own wall times, when they ran: {wall_min(records):.1f} min",
              f"- Backbone {cfg['arch']}, seeds {cfg['seeds']}"
              + (f" (untrained backbone: seeds {cfg['random_seeds']})" if cfg["random_seeds"] != cfg["seeds"] else "")
              + "; epochs, batch, fine-tune epochs and train images per dataset under its heading. Metrics on each "
@@ -585,11 +590,10 @@ def write_table(records, datasets, cfg, cli, wall):
         done = [r for r in rs if r["status"] != "pending"]
         when = sorted({f"{r['date'][:10]}, {r['machine'].split(',')[0]}" for r in done if r.get("date")})
         lines.append(f"| {p} | {len(rs)} | {len(done)} | {sum(r['estimate_min'] for r in rs):.0f} | "
-                     f"{sum(r.get('wall_s') or 0 for r in done) / 60:.1f} | {'; '.join(when) or '–'} |")
-    done = [r for r in records if r["status"] != "pending"]  # the whole study's machine time so far
-    wall_min = sum(r.get("wall_s") or 0 for r in done) / 60
-    lines.append(f"| all | {len(records)} | {len(done)} | {sum(r['estimate_min'] for r in records):.0f} | "
-                 f"{wall_min:.1f} ({wall_min / 60:.1f} h) | |")
+                     f"{wall_min(done):.1f} | {'; '.join(when) or '–'} |")
+    total = wall_min(records)  # the whole study's machine time so far (a pending run has no wall_s)
+    lines.append(f"| all | {len(records)} | {sum(r['status'] != 'pending' for r in records)} | "
+                 f"{sum(r['estimate_min'] for r in records):.0f} | {total:.1f} ({total / 60:.1f} h) | |")
     lines += ["", "## Runs", "", "| run | part | status | wall (min) | date |", "|---|---|---|---:|---|"]
     for r in records:
         status = {"ok": "ok", "pending": "not yet run"}.get(r["status"], "failed (see above)")

@@ -226,6 +226,8 @@ def test_reproduce_parts_on_two_machines_make_one_study(tmp_path):
     assert [p for p, *_ in parts] == ["1/2", "2/2", "all"]  # and the whole study's total: the parts' sum
     assert [int(parts[2][i]) for i in (1, 2)] == [3, 3] and abs(sum(float(m) for *_, m in parts[:2]) -
                                                              float(parts[2][3])) <= 0.1
+    walls = [json.loads(f.read_text()).get("wall_s") or 0 for f in (tmp_path / "B" / "results" / "runs").glob("*.json")]
+    assert parts[2][3] == f"{sum(walls) / 60:.1f}"  # against the committed records themselves
     for png in ("curves.png", "label_efficiency.png", "embedding.png"):
         assert (tmp_path / "B" / "results" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rec = json.loads((tmp_path / "B" / "results" / "runs" / "cpu-simclr-pneumonia-28-s0.json").read_text())
