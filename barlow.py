@@ -37,6 +37,7 @@ class Args:
     epochs: int = 100  # passes over the training split
     batch_size: int = 256  # images per step (each gives two views)
     lr: float = 0.3  # LARS learning rate for a batch of 256, scaled linearly (solo-learn's CIFAR recipe)
+    optimizer: str = "lars"  # lars (layer-wise trust ratio; biases and norms plain) or sgd (momentum 0.9)
     weight_decay: float = 1e-4  # L2 on weight matrices (LARS leaves biases and norm layers alone)
     warmup_epochs: int = 10  # linear LR warmup before the cosine decay
     seed: int = 0  # seeds the model init, the batch order and every augmentation parameter
@@ -115,7 +116,7 @@ def main(args):
     if args.compile != "none":  # compiled on the first step, then reused; for GPUs (BENCHMARKS.md)
         backbone.compile(mode=args.compile)
     model = model.to(memory_format=layout)
-    optimizer = common.LARS(model.parameters(), lr=args.lr * B / 256, weight_decay=args.weight_decay)
+    optimizer = common.make_optimizer(args.optimizer, model.parameters(), args.lr * B / 256, args.weight_decay)
     scheduler = common.warmup_cosine(optimizer, args.warmup_epochs * steps, args.epochs * steps)
 
     # --resume: continue from the checkpoint, which must come from the same configuration; else start at epoch 0

@@ -38,6 +38,7 @@ class Args:
     epochs: int = 100  # passes over the training split
     batch_size: int = 256  # images per step (each gives two views)
     lr: float = 1.0  # LARS learning rate for a batch of 256, scaled linearly (solo-learn's CIFAR recipe)
+    optimizer: str = "lars"  # lars (layer-wise trust ratio; biases and norms plain) or sgd (momentum 0.9)
     weight_decay: float = 1e-5  # L2 on weight matrices (LARS leaves biases and norm layers alone)
     warmup_epochs: int = 10  # linear LR warmup before the cosine decay
     seed: int = 0  # seeds the model init, the batch order and every augmentation parameter
@@ -130,7 +131,7 @@ def main(args):
         backbone.compile(mode=args.compile)
     model = model.to(memory_format=layout)
     trained = [p for name, p in model.named_parameters() if not name.startswith("target.")]
-    optimizer = common.LARS(trained, lr=args.lr * B / 256, weight_decay=args.weight_decay)
+    optimizer = common.make_optimizer(args.optimizer, trained, args.lr * B / 256, args.weight_decay)
     scheduler = common.warmup_cosine(optimizer, args.warmup_epochs * steps, args.epochs * steps)
 
     # --resume: continue from the checkpoint, which must come from the same configuration; else start at epoch 0

@@ -50,6 +50,7 @@ RULES = {
     "epochs": (lambda v: v >= 1, ">= 1"),
     "batch_size": (lambda v: v >= 2, ">= 2 (batch norm and the losses need two images)"),
     "lr": (lambda v: 0 < v < math.inf, "> 0"),
+    "optimizer": (lambda v: v in ("lars", "sgd"), "lars or sgd"),
     "weight_decay": (lambda v: 0 <= v < math.inf, ">= 0"),
     "warmup_epochs": (lambda v: v >= 0, ">= 0"),
     "seed": (lambda v: 0 <= v < 2 ** 63, "0 <= seed < 2**63"),
@@ -309,6 +310,16 @@ class LARS(torch.optim.Optimizer):
                     buf.mul_(group["momentum"]).add_(g)
                 w.add_(buf, alpha=-lr)
         return loss
+
+
+def make_optimizer(name, params, lr, weight_decay):
+    """--optimizer: 'lars' (LARS above: the long-schedule recipes of the methods' papers and solo-learn) or 'sgd'
+    (momentum 0.9, weight decay on every parameter: lightly's CIFAR-10 benchmarks). params: parameters or groups."""
+    if name == "lars":
+        return LARS(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"--optimizer {name!r}: expected lars or sgd")
 
 
 def warmup_cosine(optimizer, warmup_steps, total_steps, fixed_groups=()):

@@ -36,6 +36,7 @@ class Args:
     epochs: int = 100  # passes over the training split
     batch_size: int = 256  # images per step (each gives two views)
     lr: float = 0.5  # SGD learning rate for a batch of 256, scaled linearly (solo-learn's CIFAR recipe)
+    optimizer: str = "sgd"  # lars (layer-wise trust ratio; biases and norms plain) or sgd (momentum 0.9)
     weight_decay: float = 1e-5  # L2 on all weights
     warmup_epochs: int = 10  # linear LR warmup before the cosine decay
     seed: int = 0  # seeds the model init, the batch order and every augmentation parameter
@@ -121,7 +122,7 @@ def main(args):
     model = model.to(memory_format=layout)
     groups = [{"params": list(backbone.parameters()) + list(projector.parameters())},
               {"params": list(predictor.parameters())}]  # group 1: the predictor, whose LR may stay fixed
-    optimizer = torch.optim.SGD(groups, lr=args.lr * B / 256, momentum=0.9, weight_decay=args.weight_decay)
+    optimizer = common.make_optimizer(args.optimizer, groups, args.lr * B / 256, args.weight_decay)
     scheduler = common.warmup_cosine(optimizer, args.warmup_epochs * steps, args.epochs * steps,
                                      fixed_groups=(1,) if args.fix_pred_lr else ())
 

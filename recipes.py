@@ -1,0 +1,134 @@
+"""The recipe search: pilots of each method's recipe at the cpu study's budget, scored on the val split only.
+
+A pilot is one method file run with the cpu preset's budget for its dataset (PneumoniaMNIST-28: 10 epochs of batch
+256 = 180 steps; BreastMNIST-28: 100 epochs of batch 64 = 800 steps) and the recipe flags given in PILOTS. Its record,
+results/recipes/<name>.json, keeps the command, the val-split scores (linear probe AUC with all and with 10% of the
+train labels, kNN AUC), the loss and collapse monitor (z_std) over training, wall time, machine and date; the test
+split's scores are left out on purpose, so nothing is chosen on test. results/RECIPES.md is generated from the
+records, beside the same val scores of the committed cpu study (the old recipes and the untrained backbone).
+
+Run:
+    python recipes.py barlow-sgd            # run these pilots (one after another), then rebuild RECIPES.md
+    python recipes.py --table-only          # RECIPES.md from the committed records
+A pilot whose record is committed with the same command is never rerun; an interrupted one resumes (--resume).
+"""
+import argparse
+import datetime
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import reproduce
+import runs
+
+# the cpu study's compute per run (reproduce.PRESETS["cpu"]); a pilot's flags may replace any of these
+BUDGET = {"pneumonia": ["--epochs", "10", "--batch-size", "256", "--eval-every", "5", "--warmup-epochs", "1"],
+          "breast": ["--epochs", "100", "--batch-size", "64", "--eval-every", "25", "--warmup-epochs", "10"]}
+# lightly's CIFAR-10 benchmark recipe: SGD 0.06 x batch/128 (0.12 here, since medssl scales by batch/256), momentum
+# 0.9, weight decay 5e-4, cosine with no warmup; brightness/contrast 0.4, crops from 8% of the area, no blur
+PLAIN = ["--optimizer", "sgd", "--lr", "0.12", "--weight-decay", "5e-4", "--warmup-epochs", "0",
+         "--jitter", "0.4", "--min-scale", "0.08", "--blur", "0"]
+# name -> (method, data, flags): what each pilot changes against the method file's defaults
+PILOTS = {
+    "barlow-sgd": ("barlow", "pneumonia", PLAIN + ["--scale-loss", "1", "--lambd", "5e-3"]),
+    "vicreg-sgd": ("vicreg", "pneumonia", PLAIN),
+    "byol-sgd": ("byol", "pneumonia", PLAIN),
+    "simsiam-sgd": ("simsiam", "pneumonia", PLAIN),
+}
+SCORES = [("linear", "linear"), ("linear_10pct", "linear 10%"), ("knn", "kNN")]  # results.json key -> column
+
+
+def command(name):
+    method, data, flags = PILOTS[name]
+    cmd = [f"{method}.py", "--data", data, "--size", "28", "--seed", "0", "--finetune-epochs", "0", *BUDGET[data]]
+    return reproduce.with_flags(cmd, flags)
+
+
+def summary(results, curves):
+    """The val-split scores of results.json and the training curves' ends; never a test score."""
+    val = {k: round(results[k]["val_auc"], 4) for k, _ in SCORES}
+    z = [v for v in curves["z_std"] if v is not None]
+    return {"val": val, "loss": [curves["loss"][0], curves["loss"][-1]] if curves["loss"] else [],
+            "z_std": [z[0], min(z), z[-1]] if z else [], "val_knn_curve": curves["knn_auc"]}
+
+
+def run(name, out):
+    cmd = command(name)
+    path = os.path.join(out, "recipes", f"{name}.json")
+    if os.path.exists(path) and json.load(open(path)).get("command") == " ".join(cmd):
+        print(f"[skip] {name}: committed in {path}", flush=True)
+        return
+    folder = os.path.join("runs", "recipes", name)
+    os.makedirs(folder, exist_ok=True)
+    print(f"[run ] {name}: {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    with open(os.path.join(folder, "log.txt"), "a") as log:
+        rc = subprocess.call([sys.executable, "-u", *cmd, "--out", folder, "--resume"], stdout=log,
+                             stderr=subprocess.STDOUT)
+    rec = {"name": name, "method": PILOTS[name][0], "data": PILOTS[name][1], "flags": PILOTS[name][2],
+           "command": " ".join(cmd), "wall_s": round(time.time() - t0, 1),
+           "date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": reproduce.machine()}
+    done = os.path.join(folder, "results.json")
+    if rc != 0 or not os.path.exists(done):
+        with open(os.path.join(folder, "log.txt"), errors="replace") as f:
+            rec.update(status="failed", reason=reproduce.failure_reason(f.read(), rc))
+    else:
+        with open(done) as f:
+            rec.update(status="ok", **summary(json.load(f), reproduce.curves(os.path.join(folder, "metrics.jsonl"))))
+    runs.write_json(path, rec)
+    print(f"[{'done' if rec['status'] == 'ok' else 'fail'}] {name} in {rec['wall_s'] / 60:.1f} min: "
+          f"{rec.get('val', rec.get('reason'))}", flush=True)
+
+
+def table(out):
+    """RECIPES.md: every pilot's val scores beside those of the committed cpu study's runs of the same data."""
+    recs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "recipes", "*.json")))]
+    lines = ["# Recipe search (val split only)", "",
+             "Generated by `python recipes.py --table-only` from results/recipes/*.json; each pilot ran with "
+             "the command shown, on the machine and date shown. Scores are AUCs on the **val** split: the linear "
+             "probe (L2 chosen on val) with all and with 10% of the train labels, and weighted kNN (k chosen on "
+             "val). z_std: the collapse monitor (start / min / end; 1/sqrt(d) when spread out, 0 collapsed).", ""]
+    for data in BUDGET:
+        mine = [r for r in recs if r["data"] == data]
+        if not mine:
+            continue
+        lines += [f"## {data} (28 px, {' '.join(BUDGET[data])})", "",
+                  "| run | " + " | ".join(c for _, c in SCORES) + " | loss first → last | z_std | min | recipe |",
+                  "|---|" + "---|" * (len(SCORES) + 4)]
+        for p in sorted(glob.glob(os.path.join(out, "runs", f"cpu-*-{data}-28-s*.json"))):
+            r = json.load(open(p))
+            if r.get("status") == "ok":
+                lines.append(f"| cpu study: {r['model']} s{r['seed']} | "
+                             + " | ".join(f"{r['results'][k]['val_auc']:.4f}" for k, _ in SCORES)
+                             + " | | | | the committed study's recipe |")
+        for r in mine:
+            if r["status"] != "ok":
+                lines.append(f"| **{r['name']}** | failed: {r['reason']} | | | | | | `{' '.join(r['flags'])}` |")
+                continue
+            loss = " → ".join(f"{v:.3g}" for v in r["loss"])
+            z = " / ".join(f"{v:.4f}" for v in r["z_std"])
+            lines.append(f"| **{r['name']}** | " + " | ".join(f"{r['val'][k]:.4f}" for k, _ in SCORES)
+                         + f" | {loss} | {z} | {r['wall_s'] / 60:.0f} | `{' '.join(r['flags'])}` |")
+        lines += ["", "Pilots ran on: " + "; ".join(sorted({f"{r['date'][:10]} {r['machine']}" for r in mine})), ""]
+    runs.write_text(os.path.join(out, "RECIPES.md"), "\n".join(lines))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("names", nargs="*", help=f"pilots to run, of: {', '.join(PILOTS)}")
+    p.add_argument("--table-only", action="store_true", help="only rebuild RECIPES.md from the committed records")
+    p.add_argument("--out", default="results", help="where recipes/*.json and RECIPES.md go")
+    cli = p.parse_args(argv)
+    unknown = [n for n in cli.names if n not in PILOTS]
+    if unknown:
+        p.error(f"unknown pilot(s) {', '.join(unknown)}: expected some of {', '.join(PILOTS)}")
+    for name in [] if cli.table_only else cli.names:
+        run(name, cli.out)
+    table(cli.out)
+
+
+if __name__ == "__main__":
+    main()
