@@ -36,7 +36,7 @@ class Args:
     arch: str = "resnet18"  # resnet18 or resnet50 (the paper's)
     epochs: int = 100  # passes over the training split
     batch_size: int = 256  # images per step (each gives two views)
-    lr: float = 0.3  # LARS learning rate for a batch of 256, scaled linearly (solo-learn's CIFAR recipe)
+    lr: float = 0.3  # learning rate for a batch of 256, scaled linearly (LARS: solo-learn's CIFAR recipe)
     optimizer: str = "lars"  # lars (layer-wise trust ratio; biases and norms plain) or sgd (momentum 0.9)
     weight_decay: float = 1e-4  # L2 on weight matrices (LARS leaves biases and norm layers alone)
     warmup_epochs: int = 10  # linear LR warmup before the cosine decay

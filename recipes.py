@@ -24,6 +24,8 @@ import time
 import reproduce
 import runs
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
 # the cpu study's compute per run (reproduce.PRESETS["cpu"]); a pilot's flags may replace any of these
 BUDGET = {"pneumonia": ["--epochs", "10", "--batch-size", "256", "--eval-every", "5", "--warmup-epochs", "1"],
           "breast": ["--epochs", "100", "--batch-size", "64", "--eval-every", "25", "--warmup-epochs", "10"]}
@@ -55,18 +57,21 @@ def summary(results, curves):
             "z_std": [z[0], min(z), z[-1]] if z else [], "val_knn_curve": curves["knn_auc"]}
 
 
-def run(name, out):
+def run(name, out, runs_dir=os.path.join("runs", "recipes")):
+    """Run one pilot in runs_dir/<name>/ (resumed if interrupted) and write its record to out/recipes/<name>.json;
+    skipped when that record holds the same command."""
     cmd = command(name)
     path = os.path.join(out, "recipes", f"{name}.json")
     if os.path.exists(path) and json.load(open(path)).get("command") == " ".join(cmd):
         print(f"[skip] {name}: committed in {path}", flush=True)
         return
-    folder = os.path.join("runs", "recipes", name)
+    folder = os.path.join(runs_dir, name)
     os.makedirs(folder, exist_ok=True)
     print(f"[run ] {name}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
     with open(os.path.join(folder, "log.txt"), "a") as log:
-        rc = subprocess.call([sys.executable, "-u", *cmd, "--out", folder, "--resume"], stdout=log,
+        script = os.path.join(ROOT, cmd[0])  # the method file beside this one, whatever the working folder
+        rc = subprocess.call([sys.executable, "-u", script, *cmd[1:], "--out", folder, "--resume"], stdout=log,
                              stderr=subprocess.STDOUT)
     rec = {"name": name, "method": PILOTS[name][0], "data": PILOTS[name][1], "flags": PILOTS[name][2],
            "command": " ".join(cmd), "wall_s": round(time.time() - t0, 1),

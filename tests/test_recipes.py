@@ -1,0 +1,99 @@
+"""recipes.py, the recipe search's pilot runner: a pilot's record holds the val-split scores of its run and no test
+score, a committed pilot is not rerun, a failed one says why, and RECIPES.md shows what the records hold."""
+import json
+import os
+
+import pytest
+import torch
+
+import common
+import recipes
+
+
+@pytest.fixture
+def tiny_pilots(monkeypatch, npz_dir):
+    monkeypatch.setenv("MEDSSL_DATA_DIR", str(npz_dir))
+    monkeypatch.setattr(recipes, "PILOTS", {
+        "tiny": ("simclr", "pneumonia", ["--epochs", "2", "--batch-size", "32", "--eval-every", "1",
+                                         "--optimizer", "sgd", "--lr", "0.05"]),
+        "broken": ("barlow", "pneumonia", ["--epochs", "1", "--lambd", "-1"])})
+
+
+def test_a_pilot_records_val_scores_only_and_is_not_rerun(tiny_pilots, tmp_path):
+    out, runs_dir = tmp_path / "results", tmp_path / "runs"
+    recipes.run("tiny", str(out), str(runs_dir))
+    rec = json.load(open(out / "recipes" / "tiny.json"))
+    res = json.load(open(runs_dir / "tiny" / "results.json"))  # the run's own output, read independently
+    assert rec["status"] == "ok"
+    assert "--optimizer sgd --lr 0.05" in rec["command"] and "--epochs 2 --batch-size 32" in rec["command"]
+    for key in ("linear", "linear_10pct", "knn"):
+        assert rec["val"][key] == round(res[key]["val_auc"], 4)
+    # nothing from the test split: neither its keys nor its numbers
+    assert "auc" not in json.dumps({k: v for k, v in rec.items() if k != "val"}).replace("val_knn", "")
+    test_aucs = {f"{res[k]['auc']:.4f}" for k in ("linear", "knn")} - {f"{v:.4f}" for v in rec["val"].values()}
+    assert not any(a in json.dumps(rec) for a in test_aucs)
+    # the curves' ends come from metrics.jsonl: 2 epochs, so two per-epoch loss means, first and last
+    rows = [json.loads(ln) for ln in open(runs_dir / "tiny" / "metrics.jsonl")]
+    first = [r["train/loss"] for r in rows if r.get("epoch") == 0 and "train/loss" in r]
+    assert rec["loss"][0] == pytest.approx(sum(first) / len(first))
+    assert rec["val_knn_curve"] == [r["val/knn_auc"] for r in rows if "val/knn_auc" in r]
+    assert len(rec["val_knn_curve"]) == 2
+    # a second call with the same command skips it: the record is not touched
+    mtime = os.path.getmtime(out / "recipes" / "tiny.json")
+    recipes.run("tiny", str(out), str(runs_dir))
+    assert os.path.getmtime(out / "recipes" / "tiny.json") == mtime
+
+    # the table shows the pilot's val scores, as the record has them, and no test score
+    recipes.table(str(out))
+    md = (out / "RECIPES.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| **tiny**"))
+    assert [f"{rec['val'][k]:.4f}" for k in ("linear", "linear_10pct", "knn")] == row.split(" | ")[1:4]
+    assert not any(a in md for a in test_aucs)
+
+
+def test_a_failed_pilot_says_why(tiny_pilots, tmp_path):
+    recipes.run("broken", str(tmp_path / "results"), str(tmp_path / "runs"))
+    rec = json.load(open(tmp_path / "results" / "recipes" / "broken.json"))
+    assert rec["status"] == "failed" and "--lambd" in rec["reason"] and "val" not in rec
+    recipes.table(str(tmp_path / "results"))
+    assert "| **broken** | failed: " in (tmp_path / "results" / "RECIPES.md").read_text()
+
+
+def test_the_table_lists_the_committed_study_by_its_val_scores(tmp_path):
+    """The study's committed records hold test scores too: the table must take their val_auc, never their auc."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "recipes").mkdir()
+    res = {k: {"auc": 0.1111, "val_auc": v} for k, v in (("linear", 0.9876), ("linear_10pct", 0.9543),
+                                                         ("knn", 0.9321))}
+    json.dump({"model": "random", "seed": 2, "status": "ok", "results": res},
+              open(tmp_path / "runs" / "cpu-random-pneumonia-28-s2.json", "w"))
+    json.dump({"name": "p", "method": "barlow", "data": "pneumonia", "flags": ["--lr", "1"], "status": "ok",
+               "val": {"linear": 0.5, "linear_10pct": 0.6, "knn": 0.7}, "loss": [3.0, 2.0],
+               "z_std": [0.02, 0.01, 0.015], "wall_s": 60, "date": "2026-12-05T07:00", "machine": "m"},
+              open(tmp_path / "recipes" / "p.json", "w"))
+    recipes.table(str(tmp_path))
+    md = (tmp_path / "RECIPES.md").read_text()
+    assert "| cpu study: random s2 | 0.9876 | 0.9543 | 0.9321 |" in md
+    assert "0.1111" not in md
+    assert "| **p** | 0.5000 | 0.6000 | 0.7000 | 3 → 2 | 0.0200 / 0.0100 / 0.0150 | 1 | `--lr 1` |" in md
+
+
+def test_unknown_pilot_is_refused_with_the_known_names(capsys):
+    with pytest.raises(SystemExit) as e:
+        recipes.main(["no-such-pilot"])
+    assert e.value.code == 2 and "no-such-pilot" in capsys.readouterr().err
+
+
+def test_make_optimizer_sgd_is_plain_momentum_sgd_and_lars_is_lars():
+    w = torch.nn.Parameter(torch.ones(3, 3))
+    w.grad = torch.full((3, 3), 0.5)
+    opt = common.make_optimizer("sgd", [w], lr=0.1, weight_decay=0.01)
+    opt.step()  # first step: buf = g + wd w; w -= lr buf (momentum acts from the second step)
+    assert torch.allclose(w.detach(), torch.full((3, 3), 1 - 0.1 * (0.5 + 0.01)))
+    opt.step()  # buf = 0.9 buf + g + wd w
+    buf = 0.9 * 0.51 + 0.5 + 0.01 * (1 - 0.1 * 0.51)
+    assert torch.allclose(w.detach(), torch.full((3, 3), 1 - 0.1 * 0.51 - 0.1 * buf))
+    assert isinstance(common.make_optimizer("lars", [w], 0.1, 0.0), common.LARS)
+    with pytest.raises(ValueError, match="--optimizer 'adam'"):
+        common.make_optimizer("adam", [w], 0.1, 0.0)
+    assert common.RULES["optimizer"][0]("sgd") and not common.RULES["optimizer"][0]("adam")
