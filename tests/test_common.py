@@ -100,6 +100,8 @@ def test_augmentation_defaults_by_size_and_overrides():
     assert small["scale"] == (common.AUGMENT["small"]["min_scale"], 1.0)
     s = common.AUGMENT["small"]["jitter"]
     assert small["strength"] == (s, s, s, s / 4)
+    # the boundary: 64 px takes the small-image recipe, 65 px the large one (planted: `< 64` passed every other case)
+    assert common.augmentation(64, views) == small and common.augmentation(65, views) == large
     forced = common.augmentation(28, views, min_scale=0.5, jitter=0.0, blur=1)
     assert forced["scale"] == (0.5, 1.0) and forced["strength"] == (0, 0, 0, 0)
     assert [v.blur for v in forced["views"]] == [1.0, 0.1]

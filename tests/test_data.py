@@ -72,6 +72,15 @@ def test_labels_out_of_range(tmp_path):
     _bad(tmp_path, a, "out of range")
 
 
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_label_equal_to_the_class_count_is_out_of_range(tmp_path, split):
+    """The boundary itself: train has labels 0..1, so K = 2 is the first label out of range (planted: `>` for `>=`
+    in the check accepted it, and a probe would index past its 2 outputs)."""
+    a = make_arrays()
+    a[f"{split}_labels"][0] = 2
+    _bad(tmp_path, a, f"{split}_labels has label 2 out of range")
+
+
 def test_labels_not_integers(tmp_path):
     a = make_arrays()
     a["train_labels"] = a["train_labels"].astype(np.float32)
@@ -179,6 +188,19 @@ def test_split_folders_gray_stays_one_channel(tmp_path):
     ds = dataset.load(str(root), 28, str(tmp_path / "c"))
     assert ds["channels"] == 1
     assert [len(ds[s][1]) for s in dataset.SPLITS] == [18, 2, 8]  # val carved from train only; test kept
+
+
+@pytest.mark.parametrize("n_small", [1, 2, 3])
+def test_carving_val_and_test_never_empties_a_tiny_class_from_train(tmp_path, n_small):
+    """A class of 1-3 images in a flat folder: test (20%) and val (10%) are carved per class with at least one image
+    each, which would take every image of such a class out of train; at least one stays (planted: leave_one off:
+    the load failed, "train_labels must be 0..K-1 with every class present")."""
+    root = tmp_path / "tiny"
+    _write_images(root / "big", 20, gray=True, value=0)
+    _write_images(root / "small", n_small, gray=True, value=150)
+    ds = dataset.load(str(root), 28, str(tmp_path / "c"), seed=0)
+    assert ds["n_classes"] == 2 and (ds["train"][1] == 1).sum() >= 1
+    assert sum((ds[s][1] == 1).sum().item() for s in dataset.SPLITS) == n_small  # every image somewhere, once
 
 
 def test_unreadable_image_is_named(tmp_path):

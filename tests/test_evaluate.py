@@ -96,6 +96,27 @@ def test_linear_probe_separates_separable_data_and_not_noise():
     assert abs(evaluate.metrics(noise[2], probs)["auc"] - 0.5) < 0.15
 
 
+def test_linear_probe_l2_is_the_one_best_on_val_not_on_train_or_test():
+    """Few train points in many dimensions: train AUC is best with the weakest L2 (it overfits), val and test each
+    prefer another strength (test's labels follow a different rule). The probe must take the L2 whose val AUC is
+    highest, report that AUC, and give the test probabilities of that fit (planted: L2 chosen by train AUC passed
+    every other test, which only checked which arrays linear_probe receives)."""
+    g = torch.Generator().manual_seed(4)  # a seed where train, val and test pick 1e-5, 0.1 and 10 (asserted below)
+    w, w_test = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    xs = [torch.randn(n, 40, generator=g) for n in (30, 200, 200)]
+    noisy = lambda x, v: ((x @ v + 2.0 * torch.randn(len(x), generator=g)) > 0).long()
+    ys = [noisy(xs[0], w), noisy(xs[1], w), noisy(xs[2], 0.3 * w + w_test)]
+    wds = (1e-5, 1e-3, 1e-1, 10.0, 1000.0)
+    mu, sd = xs[0].mean(0), xs[0].std(0).clamp(min=1e-6)
+    fits = {wd: evaluate.fit_logistic((xs[0] - mu) / sd, ys[0], 2, wd) for wd in wds}  # brute force over the grid
+    auc = lambda wd, i: evaluate.metrics(ys[i], (((xs[i] - mu) / sd) @ fits[wd][0] + fits[wd][1]).softmax(1))["auc"]
+    best = {i: max(wds, key=lambda wd: auc(wd, i)) for i in range(3)}
+    assert len({best[0], best[1], best[2]}) == 3, best  # the data make the three choices disagree
+    probs, info, _ = evaluate.linear_probe(xs[0], ys[0], xs[1], ys[1], xs[2], 2, wds=wds)
+    assert info["wd"] == best[1] and info["val_auc"] == pytest.approx(auc(best[1], 1), abs=1e-6)
+    assert evaluate.metrics(ys[2], probs)["auc"] == pytest.approx(auc(best[1], 2), abs=1e-4)
+
+
 def test_features_use_eval_mode_batch_independent():
     """In eval mode BN uses running stats, so a sample's features do not depend on its batch."""
     torch.manual_seed(0)
@@ -113,6 +134,14 @@ def test_backbone_stems():
     big, d50 = common.make_backbone("resnet50", 3, 224)
     assert d50 == 2048 and big.conv1.stride == (2, 2) and big.conv1.in_channels == 3
     assert small(torch.randn(2, 1, 28, 28)).shape == (2, 512)
+    # the boundary itself: 64 px is still small (3x3/1 stem, no max-pool), 65 px takes ImageNet's 7x7/2 + max-pool
+    # (planted: `< 64` gave 64 px images the 7x7/2 stem, shrinking them to 16 px before the first block)
+    at64, _ = common.make_backbone("resnet18", 1, 64)
+    at65, _ = common.make_backbone("resnet18", 1, 65)
+    assert at64.conv1.kernel_size == (3, 3) and at64.conv1.stride == (1, 1)
+    assert isinstance(at64.maxpool, torch.nn.Identity)
+    assert at65.conv1.kernel_size == (7, 7) and at65.conv1.stride == (2, 2)
+    assert isinstance(at65.maxpool, torch.nn.MaxPool2d)
     with pytest.raises(ValueError, match="--arch 'vgg'"):
         common.make_backbone("vgg", 1, 28)
 

@@ -4,6 +4,7 @@ data (caches that notice their source changed, labels, 16-bit images, .npz paths
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,6 +123,17 @@ def test_resume_refuses_another_configuration_but_accepts_the_same_data_by_anoth
     r = run("simclr.py", tiny_dir, out, "--epochs", "1", "--resume", "--data",
             str(tiny_dir / "pneumoniamnist.npz"), "--eval-every", "3")
     assert "resumed from" in r.stdout
+    # a checkpoint from a version of the code with one Args field more, or one less: refused, naming the field
+    # (planted: the comparison over the fields both sides have, set(now) & set(was), resumed both silently)
+    for edit, expected in ((lambda a: a.update(mystery=1), "mystery: 1 in the checkpoint, None now"),
+                           (lambda a: a.pop("jitter"), "jitter: None in the checkpoint, -1.0 now")):
+        shutil.rmtree(tmp_path / "edited", ignore_errors=True)
+        shutil.copytree(out, tmp_path / "edited")
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        edit(ckpt["args"])
+        torch.save(ckpt, tmp_path / "edited" / "checkpoint.pt")
+        r = run("simclr.py", tiny_dir, tmp_path / "edited", "--epochs", "1", "--resume", check=False)
+        assert r.returncode != 0 and expected in r.stderr, r.stderr
 
 
 def test_a_torch_file_that_is_not_a_medssl_checkpoint_is_named(tiny_dir, tmp_path):

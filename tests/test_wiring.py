@@ -7,6 +7,7 @@ Each docstring names the planted bug it was seen to catch (planted, test failed,
 import copy
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,12 +28,21 @@ SMALL = {"simclr": dict(proj_hidden=64), "dclw": dict(proj_hidden=64), "byol": d
          "vicreg": dict(proj_dim=64, sim_coeff=24.0, std_coeff=26.0, cov_coeff=1.5)}  # distinct: a swap would show
 
 
-def spy_run(method, data_dir, out, monkeypatch, steps=2, B=8):
-    """One epoch of `steps` real training steps of `method`.main, in this process, recording: the views the op
+def spy_run(method, data_dir, out, monkeypatch, steps=2, B=8, epochs=1, **over):
+    """`epochs` epochs of `steps` real training steps of `method`.main, in this process, recording: the views the op
     returned, every backbone / projector / predictor call (module, grad mode, input, output), every loss_fn call
-    (its arguments as given and its value) and every ema_update call. Evaluation is stubbed out (tested below)."""
+    (its arguments as given and its value), every ema_update call and each optimizer step's LR per param group.
+    Evaluation is stubbed out (tested below). `over`: Args fields to set (e.g. warmup_epochs, lr)."""
     mod = importlib.import_module(method)
-    rec = {"views": [], "calls": [], "loss": [], "ema": []}
+    rec = {"views": [], "calls": [], "loss": [], "ema": [], "lr": []}
+
+    real_optimizer = common.make_optimizer
+
+    def make_optimizer(*a, **k):
+        opt = real_optimizer(*a, **k)  # before each step: the LR per group that the step applies
+        opt.register_step_pre_hook(lambda o, *_: rec["lr"].append([g["lr"] for g in o.param_groups]))
+        return opt
+    monkeypatch.setattr(common, "make_optimizer", make_optimizer)
 
     real_augment = common.augment
 
@@ -82,8 +92,8 @@ def spy_run(method, data_dir, out, monkeypatch, steps=2, B=8):
     monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: {})
     monkeypatch.setattr(evaluate, "knn_eval", lambda *a, **k: {"acc": 0.0, "auc": 0.0})
     monkeypatch.setattr(evaluate, "print_table", lambda *a, **k: None)
-    args = mod.Args(data="pneumonia", data_dir=str(data_dir), epochs=1, batch_size=B, train_subset=B * steps,
-                    warmup_epochs=0, eval_every=100, out=str(out), **SMALL[method])
+    args = mod.Args(data="pneumonia", data_dir=str(data_dir), epochs=epochs, batch_size=B, train_subset=B * steps,
+                    **{"warmup_epochs": 0, "eval_every": 100, "out": str(out), **SMALL[method], **over})
     torch.manual_seed(0)
     mod.main(args)
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -148,14 +158,15 @@ def test_byol_loop_regresses_the_target_networks_projection_and_steps_the_ema(ti
     network's projection of the same views (no gradient), the other view's; then ema_update(target, online, tau)
     once per step, after the optimizer, with tau = ema_rate(global step, total steps, ema_decay). Guards against the
     online z given as the target (planted: failed here only), a swapped pairing, target and online swapped in
-    ema_update, and a wrong step count in the EMA schedule."""
-    mod, args, rec = spy_run("byol", tiny, tmp_path / "run", monkeypatch)
+    ema_update, and a wrong step count in the EMA schedule. Two epochs: the EMA rate fed the step within the epoch
+    instead of the global step (planted) equals it in a one-epoch run."""
+    mod, args, rec = spy_run("byol", tiny, tmp_path / "run", monkeypatch, epochs=2)
     proj, pred = online(rec, "projector"), online(rec, "predictor")
     target_proj = [c for c in rec["calls"] if c[0] == "projector" and not c[2]]
     target_bb = [c for c in rec["calls"] if c[0] == "backbone" and not c[2]]
-    assert len(proj) == len(pred) == len(target_proj) == len(target_bb) == len(rec["ema"]) == 2
+    assert len(proj) == len(pred) == len(target_proj) == len(target_bb) == len(rec["ema"]) == 4
     assert target_proj[0][1] is not proj[0][1]  # a network of its own
-    for s in range(2):
+    for s in range(4):
         x1, x2 = rec["views"][s]
         B = len(x1)
         assert torch.equal(target_bb[s][3], torch.cat([x1, x2]))  # the target sees the same views
@@ -166,9 +177,33 @@ def test_byol_loop_regresses_the_target_networks_projection_and_steps_the_ema(ti
         assert rec["logged"][s] == pytest.approx(v1 + v2, rel=1e-6)
         target, net, tau = rec["ema"][s]
         assert target["projector"] is target_proj[0][1] and net["projector"] is proj[0][1]
-        assert tau == mod.ema_rate(s, 2, args.ema_decay)
+        assert tau == mod.ema_rate(s, 4, args.ema_decay)
     # the online projections differ from the target's after the first step: the test can tell them apart
     assert not torch.allclose(proj[1][4], target_proj[1][4])
+
+
+@pytest.mark.parametrize("method", ["simclr", "dclw", "byol", "simsiam", "barlow", "vicreg"])
+def test_every_loop_steps_at_the_scheduled_lr_scaled_by_batch_over_256(method, tiny, tmp_path, monkeypatch):
+    """Each optimizer step applies lr x B/256 x the warmup-cosine factor of its global step, written out here:
+    (s + 1) / W during the W warmup steps, then 0.5 (1 + cos(pi (s - W) / (T - W))); train/lr in metrics.jsonl is
+    the LR after the step (the next step's). SimSiam's predictor (group 1) stays at lr x B/256 throughout, warmup
+    included. Planted, each failed here: SimCLR's LR not scaled by B/256; the fixed predictor LR still warmed up;
+    the schedule stepped once per epoch."""
+    B, steps, epochs, warm = 8, 2, 3, 1  # 6 steps: 2 of warmup, 4 of cosine
+    mod, args, rec = spy_run(method, tiny, tmp_path / "run", monkeypatch, steps=steps, B=B, epochs=epochs,
+                             warmup_epochs=warm, lr=0.37)
+    W, T = warm * steps, epochs * steps
+    f = lambda s: (s + 1) / W if s < W else 0.5 * (1 + math.cos(math.pi * (s - W) / (T - W)))
+    base = 0.37 * B / 256
+    assert len(rec["lr"]) == T
+    for s, lrs in enumerate(rec["lr"]):
+        assert lrs[0] == pytest.approx(base * f(s), rel=1e-9), (s, lrs)
+        if method == "simsiam":
+            assert args.fix_pred_lr and lrs[1] == pytest.approx(base, rel=1e-9), (s, lrs)
+        else:
+            assert all(lr == pytest.approx(lrs[0], rel=1e-9) for lr in lrs)
+    logged = [r["train/lr"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "train/lr" in r]
+    assert logged == pytest.approx([base * f(s + 1) for s in range(T - 1)] + [0.0], abs=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------ optimizer, ranks
