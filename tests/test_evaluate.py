@@ -225,6 +225,25 @@ def test_knn_k_is_chosen_on_val_and_never_a_majority_vote_when_neighbours_disagr
     assert k_few == 4
 
 
+def test_knn_k_is_the_one_best_on_val_not_on_train_or_test():
+    """Overlapping classes where the train points as queries, val and test each prefer another k (10, 100, 5: seed 4,
+    asserted): knn_select must return val's (planted: the train features scored as queries picked 10)."""
+    g = torch.Generator().manual_seed(4)
+
+    def make(n):
+        y = torch.arange(n) % 2
+        return torch.randn(n, 4, generator=g) + y[:, None].float(), y
+    (tr, ytr), (va, yva), (te, yte) = make(300), make(120), make(120)
+    crit = lambda m, k: (m["balanced_acc"], m["auc"], -k)
+    best = {}
+    for name, (x, y) in (("train", (tr, ytr)), ("val", (va, yva)), ("test", (te, yte))):
+        scores = {k: evaluate.metrics(y, evaluate.knn_predict(tr, ytr, x, 2, k=k)) for k in evaluate.KS}
+        best[name] = max(evaluate.KS, key=lambda k: crit(scores[k], k))
+    assert len(set(best.values())) == 3, best
+    k, _ = evaluate.knn_select(tr, ytr, va, yva, 2)
+    assert k == best["val"]
+
+
 def test_bootstrap_interval_matches_the_hanley_mcneil_standard_error():
     g = torch.Generator().manual_seed(0)
     n = 600
