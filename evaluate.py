@@ -343,6 +343,7 @@ def print_table(rows):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="a method's checkpoint.pt (its args say data, size, arch)")
+    ap.add_argument("--backbone", help="a run's backbone.pt (what hubconf.py loads; it says data, size, arch)")
     # data, size, data dir, arch, seed, subset: an explicit flag wins; else the checkpoint's value; else the default
     ap.add_argument("--data", help="MedMNIST flag, folder or .npz (default: the checkpoint's, else pneumonia)")
     ap.add_argument("--size", type=int, help="image side (default: the checkpoint's, else 28)")
@@ -366,7 +367,18 @@ def main(argv=None):
     ap.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune end to end for N epochs (0: skip)")
     cli = ap.parse_args(argv)
     device = common.get_device()
-    ckpt = runs.load_checkpoint(cli.checkpoint) if cli.checkpoint else {"args": {}}
+    if cli.checkpoint and cli.backbone:
+        raise SystemExit("--checkpoint and --backbone: give one")
+    exported = None
+    if cli.backbone:  # the exported backbone: evaluated like a checkpoint, with the data and size it names
+        try:
+            exported, info = runs.load_backbone(cli.backbone)
+        except ValueError as e:
+            raise SystemExit(f"evaluate.py --backbone: {e}") from None
+        ckpt = {"args": {k: info[k] for k in ("data", "size", "arch")}, "method": info["method"]}
+        cli.checkpoint = cli.backbone
+    else:
+        ckpt = runs.load_checkpoint(cli.checkpoint) if cli.checkpoint else {"args": {}}
     defaults = dict(data="pneumonia", size=28, data_dir="", arch="resnet18", seed=0, train_subset=0)
     pick = {k: ckpt["args"].get(k, v) if getattr(cli, k) is None else getattr(cli, k) for k, v in defaults.items()}
     data, size, arch, seed, data_dir, subset = (pick[k] for k in ("data", "size", "arch", "seed", "data_dir", "train_subset"))
@@ -383,7 +395,13 @@ def main(argv=None):
         backbone, dim = imagenet_backbone(arch, ds["channels"], cli.imagenet_size, weights)
     else:
         backbone, dim = common.make_backbone(arch, ds["channels"], size)
-    if cli.checkpoint:
+    if exported is not None:
+        if exported.conv1.in_channels != ds["channels"]:
+            raise SystemExit(f"--backbone {cli.backbone}: takes {exported.conv1.in_channels}-channel images, "
+                             f"{data} has {ds['channels']}")
+        backbone = exported
+        out = cli.out or os.path.join(os.path.dirname(cli.checkpoint), "eval.json")
+    elif cli.checkpoint:
         prefix = "backbone."
         backbone.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
         out = cli.out or os.path.join(os.path.dirname(cli.checkpoint), "eval.json")
@@ -397,6 +415,10 @@ def main(argv=None):
         head = torch.nn.Linear(dim, ds["n_classes"]).to(device)
         sup = train_with_labels(backbone, head, ds, mean, std, cli.epochs, lr, 1.0, cli.batch_size, seed, SSL_VIEW)
         res.update(epochs=cli.epochs, supervised=sup)
+        trained = argparse.Namespace(arch=arch, size=size, data=data)  # exported like a method's (hubconf.py)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        runs.save_backbone(os.path.join(os.path.dirname(os.path.abspath(out)), "backbone.pt"), backbone,
+                           "supervised", trained, ds, mean, std)
     res.update(evaluate(backbone, ds, mean, std, seed=seed, finetune_epochs=cli.finetune_epochs))
     print_table({f"{method} ({ds['name']}, {size}px)": res})
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

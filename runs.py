@@ -204,3 +204,67 @@ def restore_state(path, args, method, data_id, model, optimizer, scheduler, gen,
         print(f"resumed from {path} at epoch {start}" + (f" (rank {common.RANK})" if common.WORLD > 1 else ""))
     trim_log(log_path, start)
     return start
+
+
+# ------------------------------------------------------------------------------------------------ the exported backbone
+BACKBONE_FORMAT = "medssl-backbone/1"
+BACKBONE_KEYS = ("format", "state_dict", "arch", "in_channels", "size", "stem", "mean", "std", "method", "data",
+                 "data_id", "commit")
+
+
+def _commit():
+    """The medssl commit that made a file ('unknown' outside a git checkout; '+changes' when the tree was dirty)."""
+    import subprocess
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
+
+
+def save_backbone(path, backbone, method, args, ds, mean, std):
+    """backbone.pt: the trained backbone for any PyTorch code, without medssl's training state. Its state_dict has
+    torchvision's own key names (conv1.weight, layer1.0.bn1.running_mean, ...; no fc: it is Identity), beside what
+    using it needs: arch, input channels, image size, stem ('small': 3x3 stride 1, no max-pool; 'imagenet':
+    torchvision's 7x7/2 + max-pool), the input normalization (mean, std per channel, on [0, 1] pixels), and where it
+    came from (method, data, data_id, medssl commit). Plain tensors, strings and numbers: loads with
+    weights_only=True. hubconf.py turns it back into a torchvision ResNet and its preprocessing."""
+    if common.RANK > 0:
+        return
+    state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    small = tuple(backbone.conv1.kernel_size) == (3, 3)
+    info = {"format": BACKBONE_FORMAT, "state_dict": state, "arch": args.arch, "in_channels": ds["channels"],
+            "size": args.size, "stem": "small" if small else "imagenet", "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std], "method": method, "data": args.data, "data_id": ds["id"],
+            "commit": _commit()}
+    atomic_write(path, lambda tmp: torch.save(info, tmp))
+
+
+def load_backbone(path):
+    """backbone.pt -> (torchvision ResNet with fc = Identity and the stored weights, in eval mode; its info dict
+    without the state_dict). One ValueError naming the file for anything that is not a medssl backbone."""
+    try:
+        info = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad or truncated file
+        raise ValueError(f"{path}: not a readable backbone file ({type(e).__name__}: {e})") from None
+    missing = [k for k in BACKBONE_KEYS if not isinstance(info, dict) or k not in info]
+    if missing or info.get("format") != BACKBONE_FORMAT:
+        hint = " (a checkpoint.pt: use the backbone.pt beside it)" if isinstance(info, dict) and "model" in info else ""
+        raise ValueError(f"{path}: not a medssl backbone file{hint}; missing {missing or ['format ' + BACKBONE_FORMAT]}")
+    if info["arch"] not in ("resnet18", "resnet50") or info["stem"] not in ("small", "imagenet"):
+        raise ValueError(f"{path}: arch {info['arch']!r} / stem {info['stem']!r}: expected resnet18 or resnet50, "
+                         "small or imagenet")
+    net, _ = common.make_backbone(info["arch"], int(info["in_channels"]), 64 if info["stem"] == "small" else 224)
+    try:
+        result = net.load_state_dict(info["state_dict"], strict=False)
+    except RuntimeError as e:  # a tensor of another shape (e.g. a 5x5 conv1, 3 channels for 1)
+        raise ValueError(f"{path}: weights do not fit a {info['arch']} with {info['in_channels']} input channels and "
+                         f"the {info['stem']} stem: {str(e).splitlines()[-1].strip()}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path}: weights do not fit a {info['arch']} with {info['in_channels']} input channels and "
+                         f"the {info['stem']} stem (missing {result.missing_keys[:3]}, unexpected "
+                         f"{result.unexpected_keys[:3]})")
+    return net.eval(), {k: v for k, v in info.items() if k != "state_dict"}

@@ -179,10 +179,13 @@ def main(args):
     # -------------------------------------------------------------------------------------------- 5. evaluation
     if rank > 0:  # torchrun: rank 0 alone evaluates and writes the results
         return None
+    exported = os.path.join(out, "backbone.pt")  # the backbone alone, for other code (hubconf.py, README)
+    runs.save_backbone(exported, backbone, METHOD, args, ds, mean, std)
     results = {"method": METHOD, "data": args.data, "size": args.size, "epochs": args.epochs,
                **evaluate.evaluate(backbone, ds, mean, std, seed=args.seed, finetune_epochs=args.finetune_epochs)}
     evaluate.print_table({f"{METHOD} ({ds['name']}, {args.size}px)": results})
     runs.write_json(os.path.join(out, "results.json"), results)
+    print(f"backbone for your own code: {exported} (torch.hub.load(..., 'backbone', weights=...): see hubconf.py)")
     return results
 
 
