@@ -213,8 +213,9 @@ def read_dicom(path):
     except Exception as e:
         syntax = ds.file_meta.get("TransferSyntaxUID")
         if syntax is not None and syntax.is_compressed:  # JPEG and friends need a decoder plugin
-            raise ValueError(f"{path}: cannot decode its {syntax.name} pixel data ({e}); install a decoder: pip "
-                             "install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg") from None
+            raise ValueError(f"{path}: cannot decode its {syntax.name} pixel data ({' '.join(str(e).split())}); "
+                             "it may be corrupt, or need a decoder: pip install pylibjpeg pylibjpeg-libjpeg "
+                             "pylibjpeg-openjpeg") from None
         raise ValueError(f"{path}: truncated or corrupt pixel data ({type(e).__name__}: {e})") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric == "RGB" or a.ndim == 3:

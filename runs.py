@@ -253,7 +253,8 @@ def load_backbone(path):
     missing = [k for k in BACKBONE_KEYS if not isinstance(info, dict) or k not in info]
     if missing or info.get("format") != BACKBONE_FORMAT:
         hint = " (a checkpoint.pt: use the backbone.pt beside it)" if isinstance(info, dict) and "model" in info else ""
-        raise ValueError(f"{path}: not a medssl backbone file{hint}; missing {missing or ['format ' + BACKBONE_FORMAT]}")
+        missing = missing or [f"format {BACKBONE_FORMAT}"]
+        raise ValueError(f"{path}: not a medssl backbone file{hint}; missing {missing}")
     if info["arch"] not in ("resnet18", "resnet50") or info["stem"] not in ("small", "imagenet"):
         raise ValueError(f"{path}: arch {info['arch']!r} / stem {info['stem']!r}: expected resnet18 or resnet50, "
                          "small or imagenet")

@@ -10,7 +10,9 @@ import dataset
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
+from pydicom.encaps import encapsulate  # noqa: E402
+from pydicom.uid import (ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage,  # noqa: E402
+                         generate_uid)
 
 
 def write_dicom(path, a, photometric="MONOCHROME2", frames=1, **tags):
@@ -120,6 +122,16 @@ def test_bad_dicom_files_give_one_line_naming_the_file(tmp_path, monkeypatch):
     d.save_as(tmp_path / "nopix.dcm", enforce_file_format=True)
     with pytest.raises(ValueError, match=r"nopix\.dcm: DICOM file without pixel data"):
         dataset.read_dicom(str(tmp_path / "nopix.dcm"))
+    # compressed pixel data that no installed plugin decodes: one line naming the syntax and the decoders to install
+    write_dicom(tmp_path / "jpeg.dcm", A16.astype(np.uint8))
+    d = pydicom.dcmread(tmp_path / "jpeg.dcm")
+    d.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    d.PixelData = encapsulate([b"\xff\xd8\xff\xe0 not really a JPEG \xff\xd9"])
+    d["PixelData"].VR = "OB"
+    d.save_as(tmp_path / "jpeg.dcm", enforce_file_format=True)
+    with pytest.raises(ValueError, match=r"jpeg\.dcm: cannot decode its JPEG Baseline .*pip install pylibjpeg") as e:
+        dataset.read_dicom(str(tmp_path / "jpeg.dcm"))
+    assert "\n" not in str(e.value)
     write_dicom(tmp_path / "ok.dcm", A16)
     monkeypatch.setitem(sys.modules, "pydicom", None)  # as if it were not installed
     with pytest.raises(ValueError, match=r"ok\.dcm: a DICOM file, and pydicom is not installed: pip install pydicom"):
