@@ -38,6 +38,7 @@ class Args:
     batch_size: int = 256  # images per step (each gives two views)
     lr: float = 0.3  # learning rate for a batch of 256, scaled linearly (LARS: solo-learn's CIFAR recipe)
     optimizer: str = "lars"  # lars (layer-wise trust ratio; biases and norms plain) or sgd (momentum 0.9)
+    bn: str = "joint"  # batch-norm statistics: joint (both views as one batch) or per-view (each view alone)
     weight_decay: float = 1e-4  # L2 on weight matrices (LARS leaves biases and norm layers alone)
     warmup_epochs: int = 10  # linear LR warmup before the cosine decay
     seed: int = 0  # seeds the model init, the batch order and every augmentation parameter
@@ -113,6 +114,8 @@ def main(args):
     projector = Projector(dim, args.proj_dim)
     model = nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)
     model = common.distribute(model)  # torchrun on GPUs: batch norm over the global batch (SyncBatchNorm)
+    if args.bn == "per-view":  # each view normalized with its own batch statistics, as one call per view would be
+        common.per_view_batchnorm(model, 2)
     if args.compile != "none":  # compiled on the first step, then reused; for GPUs (BENCHMARKS.md)
         backbone.compile(mode=args.compile)
     model = model.to(memory_format=layout)

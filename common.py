@@ -5,6 +5,7 @@ lives here: the losses, heads and loops are in the method files.
 """
 import argparse
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -51,6 +52,7 @@ RULES = {
     "batch_size": (lambda v: v >= 2, ">= 2 (batch norm and the losses need two images)"),
     "lr": (lambda v: 0 < v < math.inf, "> 0"),
     "optimizer": (lambda v: v in ("lars", "sgd"), "lars or sgd"),
+    "bn": (lambda v: v in ("joint", "per-view"), "joint or per-view"),
     "weight_decay": (lambda v: 0 <= v < math.inf, ">= 0"),
     "warmup_epochs": (lambda v: v >= 0, ">= 0"),
     "seed": (lambda v: 0 <= v < 2 ** 63, "0 <= seed < 2**63"),
@@ -155,6 +157,19 @@ def distribute(model):
     1-GPU smoke run then covers the conversion). Without torchrun: model itself."""
     if dist.is_initialized() and next(model.parameters()).is_cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def per_view_batchnorm(model, views):
+    """Batch-norm statistics per view: every BatchNorm layer of model normalizes each of the `views` equal chunks of
+    its batch (the views, concatenated) with that chunk's own mean and variance, and updates its running statistics
+    once per chunk, exactly as if each view went through the network in a call of its own, as the official Barlow
+    Twins, SimSiam, VICReg and (mmselfsup's fixed) BYOL code do; the loop still makes one call. In eval mode: plain."""
+    def split(bn, forward, x):
+        return torch.cat([forward(c) for c in x.chunk(views)]) if bn.training else forward(x)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.forward = functools.partial(split, m, m.forward)  # an instance attribute: deepcopy keeps it per copy
     return model
 
 

@@ -37,6 +37,7 @@ class Args:
     batch_size: int = 256  # images per step (each gives two views)
     lr: float = 0.5  # learning rate for a batch of 256, scaled linearly (SGD: solo-learn's CIFAR recipe)
     optimizer: str = "sgd"  # lars (layer-wise trust ratio; biases and norms plain) or sgd (momentum 0.9)
+    bn: str = "joint"  # batch-norm statistics: joint (both views as one batch) or per-view (each view alone)
     weight_decay: float = 1e-5  # L2 on all weights
     warmup_epochs: int = 10  # linear LR warmup before the cosine decay
     seed: int = 0  # seeds the model init, the batch order and every augmentation parameter
@@ -117,6 +118,8 @@ def main(args):
     predictor = Predictor(args.proj_dim, args.pred_hidden)
     model = nn.ModuleDict({"backbone": backbone, "projector": projector, "predictor": predictor}).to(device)
     model = common.distribute(model)  # torchrun on GPUs: batch norm over the global batch (SyncBatchNorm)
+    if args.bn == "per-view":  # each view normalized with its own batch statistics, as one call per view would be
+        common.per_view_batchnorm(model, 2)
     if args.compile != "none":  # compiled on the first step, then reused; for GPUs (BENCHMARKS.md)
         backbone.compile(mode=args.compile)
     model = model.to(memory_format=layout)

@@ -1,4 +1,5 @@
 """The small plumbing pieces: the Args parser, the LR schedule, atomic checkpoints."""
+import copy
 import dataclasses
 import math
 import os
@@ -109,3 +110,36 @@ def test_augmentation_defaults_by_size_and_overrides():
     p = common.sample_params(500, 28, 28, 1, g, **forced)  # (V, B, P): every crop at least half the area
     area = p[..., common.HEIGHT] * p[..., common.WIDTH]
     assert (area >= 0.5 * 28 * 28 * 0.9).all() and (p[..., common.BRIGHT] == 1).all()
+
+
+def test_per_view_batchnorm_equals_one_call_per_view():
+    """Both views in one call with per_view_batchnorm give what two separate calls give: outputs, gradients and the
+    BN running statistics (planted: statistics of the whole batch, i.e. the helper a no-op, failed here)."""
+    torch.manual_seed(0)
+    a, _ = common.make_backbone("resnet18", 1, 28)
+    a.fc = torch.nn.Sequential(torch.nn.Linear(512, 16), torch.nn.BatchNorm1d(16))  # a projector-like BN1d too
+    b = copy.deepcopy(a)
+    common.per_view_batchnorm(a, 2)
+    x1, x2 = torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28) * 2 + 1  # views with other statistics
+    joint = a(torch.cat([x1, x2]))
+    separate = torch.cat([b(x1), b(x2)])
+    assert torch.allclose(joint, separate, atol=1e-5)
+    joint.square().sum().backward()
+    separate.square().sum().backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-4), name
+    for (name, s), t in zip(a.named_buffers(), b.buffers()):
+        assert torch.allclose(s.float(), t.float(), atol=1e-6), name
+    # not the whole-batch statistics: a plain network gives other outputs
+    c = copy.deepcopy(b)
+    assert not torch.allclose(c(torch.cat([x1, x2])), separate, atol=1e-3)
+    # eval mode: running statistics, the same either way; and a deep copy (BYOL's target) keeps the split, its own
+    a.eval(), b.eval()
+    assert torch.allclose(a(torch.cat([x1, x2])), torch.cat([b(x1), b(x2)]), atol=1e-5)
+    d = copy.deepcopy(a).train()
+    before = [t.clone() for t in a.buffers()]
+    d_out = d(torch.cat([x1, x2]))  # updates d's running statistics, not a's
+    assert all(torch.equal(t, u) for t, u in zip(a.buffers(), before))
+    assert not all(torch.equal(t, u) for t, u in zip(d.buffers(), before))
+    assert torch.allclose(d_out, a.train()(torch.cat([x1, x2])), atol=1e-5)
+    assert common.RULES["bn"][0]("per-view") and not common.RULES["bn"][0]("ghost")
