@@ -39,6 +39,12 @@ PILOTS = {
     "vicreg-sgd": ("vicreg", "pneumonia", PLAIN),
     "byol-sgd": ("byol", "pneumonia", PLAIN),
     "simsiam-sgd": ("simsiam", "pneumonia", PLAIN),
+    # batch-norm statistics per view, as the official Barlow Twins / SimSiam / VICReg / fixed-BYOL code: one lever
+    # at a time against barlow-sgd and the committed study's runs (same command but --bn)
+    "barlow-sgd-pv": ("barlow", "pneumonia", PLAIN + ["--scale-loss", "1", "--lambd", "5e-3", "--bn", "per-view"]),
+    "byol-pv": ("byol", "pneumonia", ["--bn", "per-view"]),
+    "simsiam-pv": ("simsiam", "pneumonia", ["--bn", "per-view"]),
+    "vicreg-pv": ("vicreg", "pneumonia", ["--bn", "per-view"]),
 }
 SCORES = [("linear", "linear"), ("linear_10pct", "linear 10%"), ("knn", "kNN")]  # results.json key -> column
 
