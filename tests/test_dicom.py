@@ -136,3 +136,10 @@ def test_bad_dicom_files_give_one_line_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pydicom", None)  # as if it were not installed
     with pytest.raises(ValueError, match=r"ok\.dcm: a DICOM file, and pydicom is not installed: pip install pydicom"):
         dataset.read_dicom(str(tmp_path / "ok.dcm"))
+    # and through a folder: the same line, naming the first DICOM file it met (PNGs alone would still load)
+    for c in ("a", "b"):
+        (tmp_path / "dcmdir" / c).mkdir(parents=True)
+        for i in range(3):
+            write_dicom(tmp_path / "dcmdir" / c / f"{i}.dcm", A16)
+    with pytest.raises(ValueError, match=r"\.dcm: a DICOM file, and pydicom is not installed: pip install pydicom"):
+        dataset.load(str(tmp_path / "dcmdir"), 28, str(tmp_path / "cache"))
