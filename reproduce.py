@@ -18,6 +18,7 @@ results/{curves,label_efficiency,embedding}.png and the results block of README.
 import argparse
 import concurrent.futures
 import datetime
+import glob
 import hashlib
 import importlib
 import json
@@ -222,6 +223,100 @@ def committed(path, config_hash):
     return rec if isinstance(rec, dict) and rec.get("config_hash") == config_hash else None
 
 
+# A committed record, results/runs/<preset>-<model>-<data>-s<seed>.json: its keys, their types, and what each means.
+# check_records validates every record against this (and against its own file name and config) before anything is
+# run or written, so a bad record stops the study with one line naming the file and the field.
+RECORD = {
+    "model": (str, "a method (METHODS) or a baseline (BASELINES)"),
+    "data": (str, "<data>-<size>, e.g. pneumonia-28 (data_name)"),
+    "seed": (int, "the run's --seed"),
+    "preset": (str, "the preset it was planned by"),
+    "train_subset": (int, "the --train-subset it ran with (0: the whole train split)"),
+    "n_train": ((int, type(None)), "train images (None when planned by --table-only without data)"),
+    "epochs": (int, "the preset's epochs for this data entry"),
+    "batch_size": (int, "images per step"),
+    "finetune_epochs": (int, "LP-FT epochs"),
+    "config": (str, "the run's command minus interpreter, paths and --resume (identity)"),
+    "config_hash": (str, "the first 8 hex digits of sha1(config): the run folder's suffix"),
+    "estimate_min": ((int, float), "the preset's estimated minutes for the run"),
+    "part": (str, "I/N: the part it was planned in"),
+    "status": (str, "ok, or failed (with reason)"),
+    "wall_s": ((int, float), "seconds the run took"),
+    "ran_in_part": (str, "I/N: the part it ran in"),
+    "date": (str, "ISO date and time it finished"),
+    "machine": (str, "CPU, threads, GPU, torch version"),
+}
+RECORD_OK = {"results": (dict, "the run's results.json: protocol -> metrics"), "command": (str, "what ran"),
+             "curves": (dict, "per-epoch loss, z_std and online val kNN (curves())")}
+RECORD_FAILED = {"reason": (str, "the run's own last message (failure_reason)")}
+
+
+def check_record(path, rec):
+    """Every problem of one committed record, each as 'path: field: what is wrong' (empty: the record is sound).
+    Types and ranges per RECORD; the file name, model, data, seed, preset and config agree with each other; the
+    hash is recomputed from the config; every AUC is a finite number in [0, 1]."""
+    if not isinstance(rec, dict):
+        return [f"{path}: expected a JSON object (a run record), found {type(rec).__name__}"]
+    status = rec.get("status")
+    if status not in ("ok", "failed"):
+        return [f"{path}: status: expected 'ok' or 'failed', found {status!r}"]
+    keys = {**RECORD, **(RECORD_OK if status == "ok" else RECORD_FAILED)}
+    bad = [f"{path}: {k}: missing (expected {doc})" if k not in rec else
+           f"{path}: {k}: expected {doc}, found {type(rec[k]).__name__} {rec[k]!r:.40}"
+           for k, (typ, doc) in keys.items() if k not in rec or not isinstance(rec[k], typ) or
+           (typ is int and isinstance(rec[k], bool))]
+    if bad:
+        return bad
+    name = f"{rec['preset']}-{rec['model']}-{rec['data']}-s{rec['seed']}.json"
+    if os.path.basename(path) != name:
+        bad.append(f"{path}: file name: its preset, model, data and seed say {name}")
+    if rec["model"] not in METHODS + BASELINES:
+        bad.append(f"{path}: model: expected one of {', '.join(METHODS + BASELINES)}, found {rec['model']!r}")
+    if hashlib.sha1(rec["config"].encode()).hexdigest()[:8] != rec["config_hash"]:
+        bad.append(f"{path}: config_hash: {rec['config_hash']} is not the hash of its config (edited?)")
+    words = rec["config"].split()
+    flag = lambda f: words[words.index(f) + 1] if f in words[:-1] else None
+    script = f"{rec['model']}.py" if rec["model"] in METHODS else "evaluate.py"
+    agree = {"script": (words[0] if words else None, script), "--seed": (flag("--seed"), str(rec["seed"])),
+             "--data/--size": (flag("--data") and data_name(flag("--data"), flag("--size")), rec["data"]),
+             "--batch-size": (flag("--batch-size"), str(rec["batch_size"])),
+             "--finetune-epochs": (flag("--finetune-epochs"), str(rec["finetune_epochs"]))}
+    if rec["model"] in BASELINES:
+        agree["--init"] = (flag("--init"), rec["model"])
+    if rec["model"] in METHODS + ["supervised"]:
+        agree["--epochs"] = (flag("--epochs"), str(rec["epochs"]))
+    bad += [f"{path}: config: {k} {have} disagrees with the record's {want}" for k, (have, want) in agree.items()
+            if have != want]
+    if status == "ok":
+        for proto, m in rec["results"].items():
+            if isinstance(m, dict) and "auc" in m:
+                aucs = [m["auc"], *m.get("auc_ci95", [])]
+                if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1 for a in aucs):
+                    bad.append(f"{path}: results.{proto}.auc: expected finite numbers in [0, 1], found {aucs}")
+        bad += [f"{path}: results.{p}: missing (every finished run has it)" for p in ("knn", "linear")
+                if not isinstance(rec["results"].get(p), dict)]
+    elif not rec["reason"].strip():
+        bad.append(f"{path}: reason: empty (a failed run says why)")
+    return bad
+
+
+def check_records(cli):
+    """Validate every committed record of this preset before anything runs or is written: one line per problem,
+    then stop (exit 2). The study's answer lives in these files: a bad one must never silently rewrite it."""
+    bad = []
+    for path in sorted(glob.glob(os.path.join(cli.out, "runs", f"{cli.preset}-*.json"))):
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+        except (OSError, ValueError) as e:
+            bad.append(f"{path}: not readable JSON ({type(e).__name__}: {e})")
+            continue
+        bad += check_record(path, rec)
+    if bad:
+        raise SystemExit("reproduce: bad committed run record(s); nothing was run or written:\n  " + "\n  ".join(bad)
+                         + "\nMend or delete them (git checkout restores a committed one).")
+
+
 def run_one(model, data, size, seed, cfg, cli, run_it=True):
     """Run (or skip) one model x dataset x seed. Returns its record: results, curves, wall time, or the failure.
     A run whose record is committed (results/runs/*.json, same configuration) is never rerun: the record is
@@ -235,6 +330,9 @@ def run_one(model, data, size, seed, cfg, cli, run_it=True):
            "finetune_epochs": cfg["finetune_epochs"], "config": config,
            "config_hash": config_hash, "estimate_min": cfg["estimate_min"], "part": cfg["part"]}
     old = committed(json_path(cli, model, name, seed), config_hash)
+    if old is None and os.path.exists(json_path(cli, model, name, seed)):  # check_records found it sound
+        print(f"[old ] {key}: {json_path(cli, model, name, seed)} is of another configuration; not used "
+              f"(this run: {config_hash})", flush=True)
     if old is not None and (old["status"] == "ok" or (old["status"] == "failed" and not run_it)):
         print(f"[skip] {key}: committed in {json_path(cli, model, name, seed)} (same configuration)", flush=True)
         return {**old, "estimate_min": rec["estimate_min"], "part": rec["part"], "committed": True}
@@ -784,6 +882,7 @@ def main(argv=None):
         cli.readme = "README.md" if cli.out == "results" and not cli.overrides and not cli.ablate else ""
     cli.runs = cli.runs or os.path.join("runs", f"{'ablation' if cli.ablate else 'reproduce'}-{cli.preset}")
     os.makedirs(os.path.join(cli.out, "runs"), exist_ok=True)
+    check_records(cli)
     t0 = time.time()
 
     # every model x dataset x seed of the study, each with its dataset's settings, in a fixed order

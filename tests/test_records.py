@@ -1,0 +1,123 @@
+"""The committed run records (results/runs/*.json) are the study's answer: each defect found by the third reliability
+round (issue 32, part 1) edited into a copy of a real record must stop `reproduce.py --table-only` with one line
+naming the file and the field, before RESULTS.md, the figures or the README block are touched."""
+import copy
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+
+import pytest
+
+import reproduce
+from conftest import ROOT
+
+RUNS = os.path.join(ROOT, "results", "runs")
+SIMCLR = os.path.join(RUNS, "cpu-simclr-pneumonia-28-s0.json")
+FAILED = os.path.join(RUNS, "cpu-imagenet-pneumonia-28-s0.json")
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_every_committed_record_is_sound():
+    paths = glob.glob(os.path.join(RUNS, "*.json"))
+    assert paths
+    for p in paths:
+        assert reproduce.check_record(p, load(p)) == [], p
+
+
+def edited(path, **change):
+    rec = copy.deepcopy(load(path))
+    for k, v in change.items():
+        if v is KeyError:
+            rec.pop(k)
+        else:
+            rec[k] = v
+    return rec
+
+
+def nan_auc():
+    rec = load(SIMCLR)
+    rec["results"]["linear"]["auc"] = float("nan")
+    return rec
+
+
+def string_auc():
+    rec = load(SIMCLR)
+    rec["results"]["knn"]["auc"] = "0.9"
+    return rec
+
+
+def edited_config():
+    rec = load(SIMCLR)  # epochs 10 -> 20 in the command, the old hash kept: another run under this one's name
+    rec["config"] = rec["config"].replace("--epochs 10", "--epochs 20")
+    return rec
+
+
+CASES = [  # (what the issue found, the record, the field its line must name)
+    ("[] instead of a record", lambda: [], "expected a JSON object"),
+    ('"status": "OK"', lambda: edited(SIMCLR, status="OK"), "status: expected 'ok' or 'failed'"),
+    ("status missing", lambda: edited(SIMCLR, status=KeyError), "status: expected 'ok' or 'failed'"),
+    ("results missing", lambda: edited(SIMCLR, results=KeyError), "results: missing"),
+    ('"results": {}', lambda: edited(SIMCLR, results={}), "results.knn: missing"),
+    ("an AUC as a string", string_auc, "results.knn.auc: expected finite numbers"),
+    ("a NaN AUC", nan_auc, "results.linear.auc: expected finite numbers"),
+    ("a failed record without reason", lambda: edited(FAILED, reason=KeyError), "reason: missing"),
+    ('"data": "breast-28", hash kept', lambda: edited(SIMCLR, data="breast-28"), "file name: its preset, model"),
+    ('"model": "mocov3"', lambda: edited(SIMCLR, model="mocov3"), "model: expected one of"),
+    ("config edited, old hash kept", edited_config, "config_hash: b55a1b26 is not the hash of its config"),
+    ('"epochs": 500 in a method\'s record', lambda: edited(SIMCLR, epochs=500),
+     "config: --epochs 10 disagrees with the record's 500"),
+    ('"seed": 1 (file name and hash kept)', lambda: edited(SIMCLR, seed=1), "config: --seed 0 disagrees"),
+]
+
+
+@pytest.mark.parametrize("what,make,field", CASES, ids=[c[0] for c in CASES])
+def test_a_bad_record_is_named_with_its_field(what, make, field):
+    path = FAILED if "failed" in what else SIMCLR
+    problems = reproduce.check_record(path, make())
+    assert problems and all(p.startswith(path) for p in problems)
+    assert any(field in p for p in problems), problems
+
+
+@pytest.fixture
+def study(tmp_path):
+    """A copy of the committed cpu study's records and reading, whose table --table-only can rebuild."""
+    shutil.copytree(RUNS, tmp_path / "runs")
+    shutil.copy(os.path.join(ROOT, "results", "reading-cpu.md"), tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json", "nan auc"])
+def test_table_only_refuses_and_touches_nothing(study, capsys, damage):
+    assert reproduce.main(["--preset", "cpu", "--table-only", "--out", str(study)]) == 1  # ImageNet failed offline
+    outputs = {p: os.path.getmtime(p) for p in glob.glob(str(study / "*.*")) + glob.glob(str(study / "*.png"))}
+    assert any(p.endswith("RESULTS.md") for p in outputs)
+    target = study / "runs" / "cpu-simclr-pneumonia-28-s0.json"
+    text = target.read_text()
+    target.write_text({"truncated": text[: len(text) // 2], "not json": "<html>502 Bad Gateway</html>",
+                       "nan auc": re.sub(r'"auc": 0\.9557\d*', '"auc": NaN', text, count=1)}[damage])
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--preset", "cpu", "--table-only", "--out", str(study)])
+    msg = str(e.value)
+    assert "nothing was run or written" in msg and str(target) in msg
+    assert ("results.linear.auc" in msg) if damage == "nan auc" else ("not readable JSON" in msg)
+    assert {p: os.path.getmtime(p) for p in outputs} == outputs  # RESULTS.md and the figures untouched
+
+
+def test_a_sound_record_of_another_configuration_is_skipped_with_a_line(study, capsys):
+    target = study / "runs" / "cpu-simclr-pneumonia-28-s0.json"
+    rec = load(target)
+    rec["config"] = rec["config"].replace("--epochs 10", "--epochs 20")  # a sound record of a 20-epoch run
+    rec["config_hash"] = hashlib.sha1(rec["config"].encode()).hexdigest()[:8]
+    rec["epochs"] = 20
+    target.write_text(json.dumps(rec))
+    reproduce.main(["--preset", "cpu", "--table-only", "--out", str(study)])
+    out = capsys.readouterr().out
+    assert f"[old ] simclr-pneumonia-28-s0: {target} is of another configuration; not used" in out
+    assert "simclr-pneumonia-28-s0 | 5/13 | not yet run" in (study / "RESULTS.md").read_text()  # not in this table
