@@ -350,7 +350,7 @@ def run_one(model, data, size, seed, cfg, cli, run_it=True):
         print(f"[run ] {key}: {' '.join(cmd[2:])}", flush=True)
         t0 = time.time()
         with open(os.path.join(run, "log.txt"), "a") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
             RUNNING[proc] = key
             rc = proc.wait()
             del RUNNING[proc]
@@ -374,6 +374,17 @@ def run_one(model, data, size, seed, cfg, cli, run_it=True):
             rec.update(json.load(f))
     rec["curves"] = curves(os.path.join(run, "metrics.jsonl"))
     return {**rec, "status": "ok"}
+
+
+def die_with_parent():
+    """In the child, before it runs: ask Linux to send it SIGTERM when this thread of reproduce.py ends, even by
+    SIGKILL (prctl PR_SET_PDEATHSIG), so no orphan keeps training; the child then stops as on Ctrl-C, keeping its
+    last checkpoint. Elsewhere (no prctl): nothing."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 TQDM_FRAME = re.compile(r"\S+:\s+\d+%\|[^\]]*\]")  # "vicreg:   5%|▌   | 9/180 [02:34<48:55, ...]": a progress frame

@@ -57,8 +57,33 @@ def prepare_run(args, method):
     return out, os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
 
 
-def _check_run_folder(out, args, method):
+_LOCKS = []  # the open lock files of this process: each flock is held until the process exits
+
+
+def lock_run_folder(out, who):
+    """One process per run folder: an exclusive flock on <out>/.lock, held for the rest of this process's life and
+    released by the kernel when it ends, however it ends (a SIGKILL too, so no stale lock is left). A second process
+    gets one line naming the folder and the holder's pid instead of writing into the same files."""
+    import fcntl
     os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise SystemExit(f"{who}: {out} is in use by another process (pid {pid}); wait for it, stop it, or give "
+                         "another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS.append(f)
+
+
+def _check_run_folder(out, args, method):
+    lock_run_folder(out, method)  # before anything in it is cleaned or read
     for tmp in glob.glob(os.path.join(glob.escape(out), "*.tmp")):
         if os.path.basename(tmp).rsplit(".", 2)[0] in RUN_FILES:
             os.remove(tmp)  # only what atomic_write makes of a run file: <name>.<random>.tmp

@@ -105,7 +105,7 @@ def test_prepare_run_removes_only_its_own_stale_temp_files(tmp_path):
     for f in stale + [out / "notes.tmp"]:
         f.write_bytes(b"x" * 100)
     runs.prepare_run(simclr.Args(out=str(out), resume=True), "simclr")
-    assert sorted(os.listdir(out)) == ["notes.tmp"]
+    assert sorted(os.listdir(out)) == [".lock", "notes.tmp"]  # .lock: this process holds the folder
 
 
 def test_resume_refuses_another_configuration_but_accepts_the_same_data_by_another_name(tiny_dir, tmp_path):
@@ -158,6 +158,63 @@ def test_ctrl_c_and_sigterm_end_with_one_line(tiny_dir, tmp_path):
         _, err = p.communicate(timeout=120)
         assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
         assert "simclr: interrupted at epoch " in err and "rerun with --resume to continue" in err
+
+
+def test_two_processes_never_share_a_run_folder(tiny_dir, tmp_path):
+    """A second identical command (and evaluate.py) on a folder a run is training in: one line naming the folder
+    and the holder's pid, and the first run's log untouched by it (planted: no lock: both trained one folder, the
+    log held more train rows than steps). The lock goes with its process: after it ends, --resume works."""
+    out = tmp_path / "run"
+    t0 = time.time()
+    first = subprocess.Popen(command("simclr.py", tiny_dir, out, "--epochs", "3"), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(out / "metrics.jsonl", since=t0)
+        second = run("simclr.py", tiny_dir, out, "--epochs", "3", "--resume", check=False)
+        assert second.returncode != 0 and "Traceback" not in second.stderr
+        assert f"simclr: {out} is in use by another process (pid {first.pid})" in second.stderr, second.stderr
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint",
+                            str(out / "checkpoint.pt"), "--data-dir", str(tiny_dir)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=300) if (out / "checkpoint.pt").exists() else None
+        if r is not None:
+            assert r.returncode != 0 and f"evaluate.py: {out} is in use by another process" in r.stderr, r.stderr
+    finally:
+        first.kill()  # SIGKILL: no chance to clean up; the kernel drops the lock with the process
+        first.wait()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
+    assert [r["step"] for r in rows] == list(range(len(rows)))  # one writer: steps in order, none twice
+    r = run("simclr.py", tiny_dir, out, "--epochs", "1", "--resume", check=False)
+    assert "is in use" not in r.stderr
+
+
+def test_killing_reproduce_stops_its_child(tmp_path):
+    """SIGKILL of reproduce.py (no handler runs) must not leave its training child as an orphan (planted: no
+    PR_SET_PDEATHSIG: the child went on training with parent 1, and a rerun started a second one in its folder)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "pneumoniamnist.npz", **make_arrays(n=(64, 16, 16)))
+    cmd = [sys.executable, "reproduce.py", "--preset", "cpu", "--data", "pneumonia", "--methods", "simclr",
+           "--baselines", "--seeds", "0", "--epochs", "50", "--data-dir", str(data), "--runs", str(tmp_path / "runs"),
+           "--out", str(tmp_path / "results")]
+    parent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    locks = []
+    while time.time() < deadline and not locks:
+        locks = [p for p in (tmp_path / "runs").glob("*/.lock") if p.read_text().strip()] if (tmp_path / "runs").exists() else []
+        time.sleep(0.5)
+    assert locks, "the child never took its run folder"
+    child = int(locks[0].read_text())
+    parent.kill()
+    parent.wait()
+    for _ in range(120):  # the child gets SIGTERM, saves nothing new and exits (as on Ctrl-C)
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError(f"child {child} still running 60 s after reproduce.py was killed")
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
