@@ -102,24 +102,31 @@ def table(out):
              "the command shown, on the machine and date shown. Scores are AUCs on the **val** split: the linear "
              "probe (L2 chosen on val) with all and with 10% of the train labels, and weighted kNN (k chosen on "
              "val). z_std: the collapse monitor (start / min / end; 1/sqrt(d) when spread out, 0 collapsed).", ""]
+    reading = os.path.join(out, "reading-recipes.md")  # the hand-written reading of the pilots, when there is one
+    if os.path.exists(reading):
+        with open(reading) as f:
+            lines += ["## Reading (hand-written, reading-recipes.md; the tables below are generated)", "",
+                      f.read().strip(), ""]
     for data in BUDGET:
         mine = [r for r in recs if r["data"] == data]
         if not mine:
             continue
         lines += [f"## {data} (28 px, {' '.join(BUDGET[data])})", "",
-                  "| run | " + " | ".join(c for _, c in SCORES) + " | loss first → last | z_std | min | recipe |",
+                  "| run | " + " | ".join(c for _, c in SCORES) + " | loss, epoch 1 → last | z_std | wall (min) | recipe |",
                   "|---|" + "---|" * (len(SCORES) + 4)]
         for p in sorted(glob.glob(os.path.join(out, "runs", f"cpu-*-{data}-28-s*.json"))):
             r = json.load(open(p))
             if r.get("status") == "ok":
+                what = {"random": "untrained backbone", "supervised": "supervised from scratch"}.get(
+                    r["model"], "the study's recipe (the method file's defaults)")
                 lines.append(f"| cpu study: {r['model']} s{r['seed']} | "
                              + " | ".join(f"{r['results'][k]['val_auc']:.4f}" for k, _ in SCORES)
-                             + " | | | | the committed study's recipe |")
+                             + f" | | | | {what} |")
         for r in mine:
             if r["status"] != "ok":
                 lines.append(f"| **{r['name']}** | failed: {r['reason']} | | | | | | `{' '.join(r['flags'])}` |")
                 continue
-            loss = " → ".join(f"{v:.3g}" for v in r["loss"])
+            loss = " → ".join(f"{v:.4g}" for v in r["loss"])
             z = " / ".join(f"{v:.4f}" for v in r["z_std"])
             lines.append(f"| **{r['name']}** | " + " | ".join(f"{r['val'][k]:.4f}" for k, _ in SCORES)
                          + f" | {loss} | {z} | {r['wall_s'] / 60:.0f} | `{' '.join(r['flags'])}` |")

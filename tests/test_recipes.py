@@ -73,9 +73,9 @@ def test_the_table_lists_the_committed_study_by_its_val_scores(tmp_path):
               open(tmp_path / "recipes" / "p.json", "w"))
     recipes.table(str(tmp_path))
     md = (tmp_path / "RECIPES.md").read_text()
-    assert "| cpu study: random s2 | 0.9876 | 0.9543 | 0.9321 |" in md
     assert "0.1111" not in md
     assert "| **p** | 0.5000 | 0.6000 | 0.7000 | 3 → 2 | 0.0200 / 0.0100 / 0.0150 | 1 | `--lr 1` |" in md
+    assert "| cpu study: random s2 | 0.9876 | 0.9543 | 0.9321 | | | | untrained backbone |" in md
 
 
 def test_unknown_pilot_is_refused_with_the_known_names(capsys):
