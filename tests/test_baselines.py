@@ -327,23 +327,52 @@ def test_table_cells_paired_differences_and_specs(tmp_path):
     assert reproduce.setting(reproduce.PRESETS["gpu"], "epochs", "pneumonia") >= 200  # the issue's minimum
 
 
+def two_dataset_records():
+    """Two datasets (2 paired seeds on one, 1 on the other), numbers chosen so that any wrong column, protocol or
+    dataset gives a wrong cell: each protocol's AUC differs, ACC = AUC - 0.1, F1 = AUC - 0.2, and the label counts
+    of the fractions differ per dataset (47 / 470 and 5 / 55)."""
+    def rec(model, d, seed, knn, l1, l10, lin, n):
+        m = lambda a, **k: {"auc": a, "acc": a - 0.1, "f1_weighted": a - 0.2, **k}
+        return {"model": model, "data": d, "seed": seed, "status": "ok", "date": "2026-12-05T08:00", "part": "1/1",
+                "estimate_min": 1, "wall_s": 60, "machine": "m", "epochs": 1, "batch_size": 8, "finetune_epochs": 0,
+                "n_train": 10, "train_subset": 0,
+                "results": {"knn": m(knn, k=5), "linear_1pct": m(l1, n_labels=n[0], wd=0.1),
+                            "linear_10pct": m(l10, n_labels=n[1], wd=0.1),
+                            "linear": m(lin, auc_ci95=[lin - 0.09, lin + 0.09], wd=0.1)}}
+    P, B = (47, 470), (5, 55)
+    return [rec("random", "pneumonia-28", 0, 0.80, 0.70, 0.75, 0.90, P),
+            rec("random", "pneumonia-28", 1, 0.82, 0.72, 0.77, 0.92, P),
+            rec("simclr", "pneumonia-28", 0, 0.85, 0.71, 0.80, 0.95, P),
+            rec("simclr", "pneumonia-28", 1, 0.83, 0.73, 0.84, 0.962, P),
+            rec("random", "breast-28", 0, 0.60, 0.50, 0.55, 0.70, B),
+            rec("simclr", "breast-28", 0, 0.66, 0.52, 0.61, 0.79, B)]
+
+
+def test_results_tables_per_dataset_protocol_and_column(tmp_path):
+    """RESULTS.md's protocol tables and paired differences on two datasets, every cell checked against numbers
+    written out by hand (planted: the per-dataset filter dropped, or the paired difference of the wrong protocol)."""
+    cli = argparse.Namespace(preset="cpu", argv=["--table-only"], overrides=[], jobs=1, out=str(tmp_path))
+    cfg = {"note": "n", "arch": "resnet18", "seeds": [0, 1], "random_seeds": [0, 1]}
+    md = open(reproduce.write_table(two_dataset_records(), ["pneumonia-28", "breast-28"], cfg, cli, 60)).read()
+    pneumonia, breast = md.split("## pneumonia-28")[1].split("## breast-28")
+    sd2 = lambda a, b: f"{statistics.stdev([a, b]):.3f}"
+    assert (f"| linear 100% | SimCLR | 0.856 ± {sd2(.85, .862)} | 0.956 ± {sd2(.95, .962)} | "
+            f"0.756 ± {sd2(.75, .762)} | L2 0.1, 0.1 |") in pneumonia
+    assert f"| linear 1% | random init | 0.610 ± {sd2(.60, .62)} | 0.710 ± {sd2(.70, .72)} | " in pneumonia
+    assert "| L2 0.1, 0.1; 47 labels |" in pneumonia and "| L2 0.1, 0.1; 470 labels |" in pneumonia
+    assert f"| SimCLR | +0.030 ± {sd2(.05, .01)} (2 seeds) | +0.010 ± 0.000 (2 seeds) | +0.060 ± {sd2(.05, .07)} " \
+           f"(2 seeds) | +0.046 ± {sd2(.05, .042)} (2 seeds) | – |" in pneumonia
+    assert "| linear 100% | SimCLR | 0.690 | 0.790 [0.700, 0.880] | 0.590 | L2 0.1 |" in breast
+    assert "| L2 0.1; 5 labels |" in breast and "| L2 0.1; 55 labels |" in breast and "47 labels" not in breast
+    assert "| SimCLR | +0.060 (1 seed) | +0.020 (1 seed) | +0.060 (1 seed) | +0.090 (1 seed) | – |" in breast
+
+
 def test_readme_block_per_dataset_columns_and_the_linear_difference():
     """Two datasets, numbers chosen so that every wrong column gives a wrong cell: each protocol's mean in its own
     column, the label counts of *this* dataset in the header (planted: pooled over datasets, "5/47 labels"), and the
     last column the seed-paired difference of the linear probe (planted: of kNN, +0.030 and +0.060 here), all
     written out by hand."""
-    def rec(model, d, seed, knn, l1, l10, lin, n):
-        return {"model": model, "data": d, "seed": seed, "status": "ok", "date": "2026-12-05T08:00",
-                "results": {"knn": {"auc": knn}, "linear_1pct": {"auc": l1, "n_labels": n[0]},
-                            "linear_10pct": {"auc": l10, "n_labels": n[1]},
-                            "linear": {"auc": lin, "auc_ci95": [lin - 0.09, lin + 0.09]}}}
-    P, B = (47, 470), (5, 55)
-    records = [rec("random", "pneumonia-28", 0, 0.80, 0.70, 0.75, 0.90, P),
-               rec("random", "pneumonia-28", 1, 0.82, 0.72, 0.77, 0.92, P),
-               rec("simclr", "pneumonia-28", 0, 0.85, 0.71, 0.80, 0.95, P),
-               rec("simclr", "pneumonia-28", 1, 0.83, 0.73, 0.84, 0.962, P),
-               rec("random", "breast-28", 0, 0.60, 0.50, 0.55, 0.70, B),
-               rec("simclr", "breast-28", 0, 0.66, 0.52, 0.61, 0.79, B)]
+    records = two_dataset_records()
     cli = argparse.Namespace(preset="cpu", argv=["--table-only"])
     lines = reproduce.readme_summary(records, ["pneumonia-28", "breast-28"], {}, cli)
     sd2 = lambda a, b: f"{statistics.stdev([a, b]):.3f}"
