@@ -57,7 +57,7 @@ def prepare_run(args, method):
     return out, os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
 
 
-_LOCKS = []  # the open lock files of this process: each flock is held until the process exits
+_LOCKS = {}  # folder -> the open lock file of this process: each flock is held until the process exits
 
 
 def lock_run_folder(out, who):
@@ -66,6 +66,9 @@ def lock_run_folder(out, who):
     gets one line naming the folder and the holder's pid instead of writing into the same files."""
     import fcntl
     os.makedirs(out, exist_ok=True)
+    key = os.path.realpath(out)
+    if key in _LOCKS:  # this process holds it already (evaluate.main called twice in one process)
+        return
     f = open(os.path.join(out, ".lock"), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,7 +82,7 @@ def lock_run_folder(out, who):
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
-    _LOCKS.append(f)
+    _LOCKS[key] = f
 
 
 def _check_run_folder(out, args, method):
