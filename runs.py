@@ -179,6 +179,10 @@ STATE_KEYS = ("method", "args", "data_id", "epoch", "model", "optimizer", "sched
 # resumed run may give other values for these.
 # The data is compared by its content (ds["id"]), so --data pneumonia and --data path/to/pneumoniamnist.npz agree.
 FREE_ON_RESUME = ("data", "data_dir", "out", "eval_every", "resume", "overwrite", "compile", "host_data")
+# Args fields added after checkpoints were first written, each with the value that reproduces what medssl did
+# before it existed: a checkpoint without the field resumes when the run's value is that one (a method whose old
+# optimizer was SGD, SimSiam, has 'sgd' as its default; the others LARS).
+ADDED_FIELDS = {"optimizer": None, "bn": "joint"}  # None: the method file's own default is the old behaviour
 
 
 def load_checkpoint(path, device="cpu", keys=("args", "model")):
@@ -215,8 +219,11 @@ def restore_state(path, args, method, data_id, model, optimizer, scheduler, gen,
         except ValueError as e:
             raise SystemExit(f"{method}: --resume: {e}") from None
         now, was = {**dataclasses.asdict(args), "method": method}, {**ckpt["args"], "method": ckpt["method"]}
+        defaults = {f.name: f.default for f in dataclasses.fields(args)}
+        older = {k for k, old in ADDED_FIELDS.items() if k not in was and k in now and
+                 now[k] == (defaults[k] if old is None else old)}  # an older checkpoint, and this run does as it did
         diff = [f"{k}: {was.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(now) | set(was))
-                if k not in FREE_ON_RESUME and was.get(k) != now.get(k)]
+                if k not in FREE_ON_RESUME and k not in older and was.get(k) != now.get(k)]
         if ckpt["data_id"] != data_id:
             diff.append(f"data: {was.get('data')!r} (content {ckpt['data_id']}) in the checkpoint, {args.data!r} "
                         f"(content {data_id}) now")
@@ -229,7 +236,9 @@ def restore_state(path, args, method, data_id, model, optimizer, scheduler, gen,
         gen.set_state(ckpt["gen"].cpu())  # RNG states are CPU tensors even when the model is on a GPU
         torch.set_rng_state(ckpt["torch_rng"].cpu())
         start = ckpt["epoch"]
-        print(f"resumed from {path} at epoch {start}" + (f" (rank {common.RANK})" if common.WORLD > 1 else ""))
+        print(f"resumed from {path} at epoch {start}" + (f" (rank {common.RANK})" if common.WORLD > 1 else "")
+              + "".join(f"; {k}: not in this older checkpoint, {now[k]!r} is what that version did"
+                        for k in sorted(older)))
     trim_log(log_path, start)
     return start
 

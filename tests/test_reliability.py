@@ -134,6 +134,19 @@ def test_resume_refuses_another_configuration_but_accepts_the_same_data_by_anoth
         torch.save(ckpt, tmp_path / "edited" / "checkpoint.pt")
         r = run("simclr.py", tiny_dir, tmp_path / "edited", "--epochs", "1", "--resume", check=False)
         assert r.returncode != 0 and expected in r.stderr, r.stderr
+    # a checkpoint from before --optimizer and --bn existed resumes when this run does what that version did (LARS,
+    # joint batch norm), saying so; asking for something else is refused (issue 32: advice that could be followed)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    for k in ("optimizer", "bn"):
+        ckpt["args"].pop(k)
+    shutil.rmtree(tmp_path / "edited")
+    shutil.copytree(out, tmp_path / "edited")
+    torch.save(ckpt, tmp_path / "edited" / "checkpoint.pt")
+    r = run("simclr.py", tiny_dir, tmp_path / "edited", "--epochs", "1", "--resume")
+    assert "bn: not in this older checkpoint, 'joint' is what that version did" in r.stdout
+    assert "optimizer: not in this older checkpoint, 'lars' is what that version did" in r.stdout
+    r = run("simclr.py", tiny_dir, tmp_path / "edited", "--epochs", "1", "--resume", "--bn", "per-view", check=False)
+    assert r.returncode != 0 and "bn: None in the checkpoint, 'per-view' now" in r.stderr
 
 
 def test_a_torch_file_that_is_not_a_medssl_checkpoint_is_named(tiny_dir, tmp_path):
