@@ -339,7 +339,24 @@ def load(data, size=28, data_dir=None, seed=0, device="cpu", host=False, subset=
     {'train'|'val'|'test': (uint8 N x C x H x W, int64 N) on device, 'n_classes', 'channels', 'name', 'id'};
     'id' hashes the arrays themselves, so a resumed run can tell the same data under another name or path.
     host (--host-data), or images over half the GPU's free memory: the images stay in pinned CPU memory and each
-    batch is copied over (labels go to the device), so the dataset's size is not limited by the GPU's memory."""
+    batch is copied over (labels go to the device), so the dataset's size is not limited by the GPU's memory.
+    A bad source raises ValueError, TypeError, KeyError or OSError whose message names it, marked bad_data: the
+    method scripts and evaluate.py print that message as one line (one_line)."""
+    try:
+        return _load(data, size, data_dir, seed, device, host, subset)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        e.bad_data = True
+        raise
+
+
+def one_line(e):
+    """The message of an error dataset.load marked bad_data (KeyError's str() would quote it); else None."""
+    if not getattr(e, "bad_data", False):
+        return None
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def _load(data, size, data_dir, seed, device, host, subset):
     data_dir = data_dir or default_data_dir()
     if common.RANK > 0:  # torchrun: rank 0 downloads or decodes (and caches) first; the others then read its files
         common.barrier()

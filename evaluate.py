@@ -429,4 +429,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        if dataset.one_line(e) is None:  # not a bad data source: a bug, whose traceback is wanted
+            raise
+        raise SystemExit(f"evaluate.py: {dataset.one_line(e)}") from None

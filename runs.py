@@ -24,6 +24,11 @@ def launch(main, cls, method):
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (kill, a scheduler) becomes Ctrl-C
     try:
         main(args)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        import dataset  # (dataset imports runs)
+        if dataset.one_line(e) is None:  # not a bad data source: a bug, whose traceback is wanted
+            raise
+        raise SystemExit(f"{method}: {dataset.one_line(e)}") from None
     except KeyboardInterrupt:
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)  # a second signal must not interrupt the message

@@ -230,6 +230,26 @@ def test_killing_reproduce_stops_its_child(tmp_path):
         raise AssertionError(f"child {child} still running 60 s after reproduce.py was killed")
 
 
+def test_bad_data_ends_the_scripts_with_one_line(tmp_path):
+    """A truncated npz, a missing key, a class folder of non-images: the method scripts and evaluate.py print the
+    data error's own message, naming the file, as one line, never a traceback (planted: runs.launch without the
+    handler printed three chained tracebacks)."""
+    a = make_arrays()
+    del a["val_labels"]
+    np.savez(tmp_path / "nokey.npz", **a)
+    np.savez(tmp_path / "good.npz", **make_arrays())
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "good.npz").read_bytes()[:3000])
+    for data, expected in ((tmp_path / "nokey.npz", "missing key 'val_labels'"),
+                           (tmp_path / "cut.npz", "not a readable npz file")):
+        for script in ("simclr.py", "evaluate.py"):
+            r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--data", str(data), "--out",
+                                str(tmp_path / "out" / script)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+            assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+            line = r.stderr.strip().splitlines()[-1]
+            assert line.startswith(f"{script.removesuffix('.py')}:" if script != "evaluate.py" else "evaluate.py:")
+            assert str(data) in line and expected in line, line
+
+
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"epoch": 1, "w": torch.ones(10)}, path)
