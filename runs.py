@@ -87,6 +87,9 @@ def lock_run_folder(out, who):
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
+    if not _LOCKS:  # closed (and so released) at exit, as the kernel would; no unclosed-file warning
+        import atexit
+        atexit.register(lambda: [lock.close() for lock in _LOCKS.values()])
     _LOCKS[key] = f
 
 
