@@ -296,8 +296,8 @@ def load_folder(root, size, data_dir, seed=0):
         try:
             with Image.open(f) as im:
                 return np.asarray(_to_rgb8(im).resize((size, size), Image.BILINEAR))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise ValueError(f"{f}: unreadable image file ({e})") from e
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{f}: unreadable image file ({type(e).__name__}: {e})") from e
     imgs, labels = {}, {}
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool, \
             tqdm(total=sum(len(fs) for files in per_split.values() for fs in files.values()), unit="img",

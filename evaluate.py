@@ -407,7 +407,12 @@ def main(argv=None):
         out = cli.out or os.path.join(os.path.dirname(cli.checkpoint), "eval.json")
     else:
         out = cli.out or os.path.join("runs", f"{cli.init}-{ds['name']}-{size}-s{seed}", "results.json")
-    runs.lock_run_folder(os.path.dirname(os.path.abspath(out)), "evaluate.py")  # one process per run folder
+    if os.path.isdir(out):  # checked before the evaluation runs, not after it
+        raise SystemExit(f"evaluate.py --out {out}: is a folder, expected the path of a JSON file")
+    try:
+        runs.lock_run_folder(os.path.dirname(os.path.abspath(out)), "evaluate.py")  # one process per run folder
+    except OSError as e:
+        raise SystemExit(f"evaluate.py --out {out}: cannot write there ({e.strerror or e})") from None
     backbone.to(device)
     mean, std = dataset.channel_stats(ds["train"][0])
     res = {"method": method, "data": data, "size": size, "epochs": ckpt.get("epoch", 0) if cli.checkpoint else 0}

@@ -250,6 +250,32 @@ def test_bad_data_ends_the_scripts_with_one_line(tmp_path):
             assert str(data) in line and expected in line, line
 
 
+def test_evaluate_checks_its_output_path_before_it_evaluates(tmp_path):
+    """--out an existing folder, or under a file (not writable as a folder): one line at once, not a traceback after
+    the whole evaluation (planted: the check removed: IsADirectoryError after the evaluation)."""
+    np.savez(tmp_path / "d.npz", **make_arrays())
+    (tmp_path / "afolder").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for out, expected in ((tmp_path / "afolder", "is a folder, expected the path of a JSON file"),
+                          (tmp_path / "afile" / "r.json", "cannot write there")):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--data", str(tmp_path / "d.npz"),
+                            "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"evaluate.py --out {out}: {expected}" in r.stderr and "linear" not in r.stdout, r.stderr
+
+
+def test_a_decompression_bomb_is_named(tmp_path, monkeypatch):
+    """An image over PIL's pixel limit (a 14000 x 14000 PNG in the trials; the limit lowered here to keep it small)
+    is named as unreadable, not a DecompressionBombError traceback."""
+    for c in ("a", "b"):
+        (tmp_path / "ds" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((64, 64), 40 * i, np.uint8)).save(tmp_path / "ds" / c / f"{i}.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 = 4096 > 2 x 1000: PIL raises, not warns
+    with pytest.raises(ValueError, match=r"0\.png: unreadable image file \(DecompressionBombError"):
+        dataset.load(str(tmp_path / "ds"), 28, str(tmp_path / "cache"))
+
+
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"epoch": 1, "w": torch.ones(10)}, path)
