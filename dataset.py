@@ -156,6 +156,9 @@ def load_npz(path):
             return {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise ValueError(f"{path}: not a readable npz file (truncated or corrupt?): {e}") from e
+    except MemoryError as e:  # a header claiming more images than memory holds (corrupt, or not a MedMNIST file)
+        raise ValueError(f"{path}: an array in it does not fit in memory ({e}); corrupt, or not a MedMNIST-size "
+                         "file") from e
 
 
 # ------------------------------------------------------------------------------------------------ image folders
@@ -261,6 +264,8 @@ def _to_rgb8(im):
     integer and float ones by their own min..max; PIL's convert would clip them at 255 instead."""
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all():  # a float TIFF with NaN or inf: no 8-bit image to make of it
+            raise ValueError(f"{int((~np.isfinite(a)).sum())} NaN or infinite pixels")
         lo, hi = (0.0, 65535.0) if im.mode.startswith("I;16") else (a.min(), max(a.max(), a.min() + 1))
         warnings.warn(f"{im.mode} images are scaled to 8 bits " + ("by their bit depth (x / 257)" if lo == 0 and
                       hi == 65535 else "by each image's range"), stacklevel=3)  # shown once per place
@@ -289,6 +294,9 @@ def load_folder(root, size, data_dir, seed=0):
     if os.path.exists(cache):
         return load_npz(cache), cache
     classes = sorted(set().union(*per_split.values()))
+    if has_splits and set(classes) - set(per_split.get("train", {})):  # labels are the train classes' indices
+        raise ValueError(f"{root}: class folder(s) {', '.join(sorted(set(classes) - set(per_split['train'])))} "
+                         f"not in {os.path.join(root, 'train')}: every class needs train images")
 
     def decode(f):  # PIL decodes and resizes outside the GIL, so threads use every core
         if is_dicom(f):  # read_dicom's errors already name the file

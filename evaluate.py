@@ -403,7 +403,11 @@ def main(argv=None):
         out = cli.out or os.path.join(os.path.dirname(cli.checkpoint), "eval.json")
     elif cli.checkpoint:
         prefix = "backbone."
-        backbone.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
+        try:
+            backbone.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
+        except (RuntimeError, AttributeError) as e:  # missing or extra keys, other shapes, a model that is no dict
+            raise SystemExit(f"evaluate.py --checkpoint {cli.checkpoint}: its backbone does not fit a {arch} for "
+                             f"{ds['channels']}-channel {size} px images: {str(e).splitlines()[0][:300]}") from None
         out = cli.out or os.path.join(os.path.dirname(cli.checkpoint), "eval.json")
     else:
         out = cli.out or os.path.join("runs", f"{cli.init}-{ds['name']}-{size}-s{seed}", "results.json")

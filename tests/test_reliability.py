@@ -276,6 +276,53 @@ def test_a_decompression_bomb_is_named(tmp_path, monkeypatch):
         dataset.load(str(tmp_path / "ds"), 28, str(tmp_path / "cache"))
 
 
+def test_more_bad_sources_are_named(tmp_path):
+    """Issue 32's third list: an npz whose header claims 10^12 images (a MemoryError that named nothing), a float
+    TIFF of NaN (a cast warning and undefined pixels), a class folder in test but not in train ("label 2 out of
+    range"): each a ValueError naming the file or folder and what is wrong."""
+    import io
+    import zipfile
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (10 ** 12, 28, 28)})
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+        z.writestr("train_images.npy", header.getvalue() + b"\0" * 1000)
+    with pytest.raises(ValueError, match=r"huge\.npz: (an array in it does not fit in memory|not a readable npz)"):
+        dataset.load(str(tmp_path / "huge.npz"), 28, str(tmp_path))
+    for c in ("a", "b"):
+        (tmp_path / "tif" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), float(i), np.float32), mode="F").save(tmp_path / "tif" / c / f"{i}.tif")
+    Image.fromarray(np.full((8, 8), np.nan, np.float32), mode="F").save(tmp_path / "tif" / "b" / "nan.tif")
+    with pytest.raises(ValueError, match=r"nan\.tif: unreadable image file \(ValueError: 64 NaN or infinite pixels"):
+        dataset.load(str(tmp_path / "tif"), 28, str(tmp_path / "c1"))
+    root = tmp_path / "splits"
+    for split, classes in (("train", "ab"), ("test", "abc")):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8), 50 * i, np.uint8)).save(root / split / c / f"{i}.png")
+    with pytest.raises(ValueError, match=r"class folder\(s\) c not in .*train: every class needs train images"):
+        dataset.load(str(root), 28, str(tmp_path / "c2"))
+
+
+def test_evaluate_names_a_checkpoint_whose_backbone_does_not_fit(tiny_dir, tmp_path):
+    """A 5x5 conv1, a missing key: one line naming the checkpoint, not load_state_dict's traceback."""
+    out = tmp_path / "run"
+    run("simclr.py", tiny_dir, out, "--epochs", "1")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    for name, edit in (("conv5", lambda m: m.update({"backbone.conv1.weight": torch.zeros(64, 1, 5, 5)})),
+                       ("nokey", lambda m: m.pop("backbone.layer1.0.bn1.weight"))):
+        bad = {**ckpt, "model": dict(ckpt["model"])}
+        edit(bad["model"])
+        torch.save(bad, tmp_path / f"{name}.pt")
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint",
+                            str(tmp_path / f"{name}.pt"), "--data-dir", str(tiny_dir), "--out",
+                            str(tmp_path / f"{name}.json")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"evaluate.py --checkpoint {tmp_path / name}.pt: its backbone does not fit a resnet18" in r.stderr
+
+
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"epoch": 1, "w": torch.ones(10)}, path)
