@@ -306,6 +306,23 @@ def test_more_bad_sources_are_named(tmp_path):
         dataset.load(str(root), 28, str(tmp_path / "c2"))
 
 
+def test_appledouble_files_are_skipped_and_a_broken_link_is_named(tmp_path):
+    """macOS copies leave ._name.png AppleDouble files (not images) beside each image: skipped like other dotfiles,
+    not the whole dataset refused; a broken symlink among the images: a one-line error naming it."""
+    root = tmp_path / "ds"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(root / c / f"{i}.png")
+            (root / c / f"._{i}.png").write_bytes(b"\0\x05\x16\x07" + b"\0" * 80)  # AppleDouble magic
+    ds = dataset.load(str(root), 28, str(tmp_path / "c"))
+    assert sum(len(ds[s][1]) for s in dataset.SPLITS) == 6  # the six PNGs, none of the ._ files
+    os.symlink(tmp_path / "gone.png", root / "a" / "3.png")
+    with pytest.raises(OSError, match=r"3\.png") as e:
+        dataset.load(str(root), 28, str(tmp_path / "c"))
+    assert dataset.one_line(e.value) and "3.png" in dataset.one_line(e.value)
+
+
 def test_evaluate_names_a_checkpoint_whose_backbone_does_not_fit(tiny_dir, tmp_path):
     """A 5x5 conv1, a missing key: one line naming the checkpoint, not load_state_dict's traceback."""
     out = tmp_path / "run"
