@@ -96,6 +96,10 @@ def test_evaluate_script_imagenet_and_supervised(weights_file, tmp_path):
     assert sup["epochs"] == 4 and sup["supervised"]["acc"] > 0.9  # the head it trained with the labels
     saved = json.loads((tmp_path / "sup.json").read_text())
     assert saved["supervised"] == sup["supervised"] and len(saved["embedding"]["xy"]) == 48
+    # the supervised baseline's backbone is exported like a method's, beside its results (hubconf.py loads it)
+    import runs
+    net, info = runs.load_backbone(str(tmp_path / "backbone.pt"))
+    assert info["method"] == "supervised" and info["size"] == 28 and info["in_channels"] == 1
     with pytest.raises(SystemExit, match="--init imagenet: .*missing.pth: could not load"):
         evaluate.main(["--data", "pneumonia", "--data-dir", str(tmp_path), "--init", "imagenet", "--weights",
                        str(tmp_path / "missing.pth")])
