@@ -86,6 +86,9 @@ def find_medmnist(flag, size, data_dir):
                          f"{sorted(ALIASES) + sorted(MEDMNIST_MD5)}")
     if size not in SIZES:
         raise ValueError(f"--size {size}: MedMNIST files exist at {SIZES}")
+    if os.path.isfile(data_dir):  # else the download's makedirs fails with "File exists", naming neither
+        raise ValueError(f"--data-dir / MEDSSL_DATA_DIR {data_dir}: is a file, expected the folder that holds (or "
+                         f"receives) the MedMNIST npz files")
     file = f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
     for path in (os.path.join(data_dir, file), os.path.join(data_dir, flag, file)):
         if os.path.exists(path):

@@ -323,6 +323,15 @@ def test_appledouble_files_are_skipped_and_a_broken_link_is_named(tmp_path):
     assert dataset.one_line(e.value) and "3.png" in dataset.one_line(e.value)
 
 
+def test_a_data_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "notadir").write_text("x")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "simclr.py"), "--data", "breast", "--out",
+                        str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env=dict(os.environ, MEDSSL_DATA_DIR=str(tmp_path / "notadir")))
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"simclr: --data-dir / MEDSSL_DATA_DIR {tmp_path / 'notadir'}: is a file, expected the folder" in r.stderr
+
+
 def test_evaluate_names_a_checkpoint_whose_backbone_does_not_fit(tiny_dir, tmp_path):
     """A 5x5 conv1, a missing key: one line naming the checkpoint, not load_state_dict's traceback."""
     out = tmp_path / "run"
