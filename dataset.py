@@ -14,6 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import common
+import hubconf
 import runs
 
 # ------------------------------------------------------------------------------------------------ MedMNIST files
@@ -263,17 +264,12 @@ def stratified_sample(labels, frac, gen, leave_one=False):
 
 
 def _to_rgb8(im):
-    """A PIL image as 8-bit RGB. 16-bit images (X-ray, MRI exports) are scaled by their bit depth (x / 257), 32-bit
-    integer and float ones by their own min..max; PIL's convert would clip them at 255 instead."""
+    """A PIL image as 8-bit RGB (hubconf.rgb8, which a hub user's preprocessing shares), saying once per place
+    when 16-bit or float images are scaled to 8 bits."""
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        if not np.isfinite(a).all():  # a float TIFF with NaN or inf: no 8-bit image to make of it
-            raise ValueError(f"{int((~np.isfinite(a)).sum())} NaN or infinite pixels")
-        lo, hi = (0.0, 65535.0) if im.mode.startswith("I;16") else (a.min(), max(a.max(), a.min() + 1))
-        warnings.warn(f"{im.mode} images are scaled to 8 bits " + ("by their bit depth (x / 257)" if lo == 0 and
-                      hi == 65535 else "by each image's range"), stacklevel=3)  # shown once per place
-        im = Image.fromarray(np.round((a - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8))
-    return im.convert("RGB")
+        warnings.warn(f"{im.mode} images are scaled to 8 bits " + ("by their bit depth (x / 257)" if
+                      im.mode.startswith("I;16") else "by each image's range"), stacklevel=3)
+    return hubconf.rgb8(im)
 
 
 def load_folder(root, size, data_dir, seed=0):

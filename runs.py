@@ -252,9 +252,7 @@ def restore_state(path, args, method, data_id, model, optimizer, scheduler, gen,
 
 
 # ------------------------------------------------------------------------------------------------ the exported backbone
-BACKBONE_FORMAT = "medssl-backbone/1"
-BACKBONE_KEYS = ("format", "state_dict", "arch", "in_channels", "size", "stem", "mean", "std", "method", "data",
-                 "data_id", "commit")
+from hubconf import BACKBONE_FORMAT, load_backbone  # noqa: E402,F401 (the format and its loader: hubconf.py)
 
 
 def _commit():
@@ -286,31 +284,3 @@ def save_backbone(path, backbone, method, args, ds, mean, std):
             "std": [float(s) for s in std], "method": method, "data": args.data, "data_id": ds["id"],
             "commit": _commit()}
     atomic_write(path, lambda tmp: torch.save(info, tmp))
-
-
-def load_backbone(path):
-    """backbone.pt -> (torchvision ResNet with fc = Identity and the stored weights, in eval mode; its info dict
-    without the state_dict). One ValueError naming the file for anything that is not a medssl backbone."""
-    try:
-        info = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad or truncated file
-        raise ValueError(f"{path}: not a readable backbone file ({type(e).__name__}: {e})") from None
-    missing = [k for k in BACKBONE_KEYS if not isinstance(info, dict) or k not in info]
-    if missing or info.get("format") != BACKBONE_FORMAT:
-        hint = " (a checkpoint.pt: use the backbone.pt beside it)" if isinstance(info, dict) and "model" in info else ""
-        missing = missing or [f"format {BACKBONE_FORMAT}"]
-        raise ValueError(f"{path}: not a medssl backbone file{hint}; missing {missing}")
-    if info["arch"] not in ("resnet18", "resnet50") or info["stem"] not in ("small", "imagenet"):
-        raise ValueError(f"{path}: arch {info['arch']!r} / stem {info['stem']!r}: expected resnet18 or resnet50, "
-                         "small or imagenet")
-    net, _ = common.make_backbone(info["arch"], int(info["in_channels"]), 64 if info["stem"] == "small" else 224)
-    try:
-        result = net.load_state_dict(info["state_dict"], strict=False)
-    except RuntimeError as e:  # a tensor of another shape (e.g. a 5x5 conv1, 3 channels for 1)
-        raise ValueError(f"{path}: weights do not fit a {info['arch']} with {info['in_channels']} input channels and "
-                         f"the {info['stem']} stem: {str(e).splitlines()[-1].strip()}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path}: weights do not fit a {info['arch']} with {info['in_channels']} input channels and "
-                         f"the {info['stem']} stem (missing {result.missing_keys[:3]}, unexpected "
-                         f"{result.unexpected_keys[:3]})")
-    return net.eval(), {k: v for k, v in info.items() if k != "state_dict"}

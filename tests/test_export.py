@@ -64,6 +64,20 @@ def test_hub_backbone_gives_medssl_features(trained):
     assert saved["commit"] and saved["data_id"] == ds["id"]
 
 
+def test_hub_works_in_a_program_with_its_own_common_and_runs_modules(trained, monkeypatch):
+    """torch.hub imports hubconf.py into the caller's program: a caller whose own modules are called `common`,
+    `runs` or `dataset` (usual names in research code) must get medssl's backbone all the same (planted: hubconf
+    importing medssl's common / runs by those names: AttributeError on the caller's module)."""
+    import types
+    for name in ("common", "runs", "dataset"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))  # the caller's modules, nothing medssl's
+    monkeypatch.delitem(sys.modules, "hubconf", raising=False)
+    _, out = trained
+    net = torch.hub.load(ROOT, "backbone", source="local", weights=str(out / "backbone.pt"))
+    x = net.preprocess(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+    assert net.medssl["method"] == "simclr" and net(x).shape == (2, 512)
+
+
 def test_hub_without_weights_and_preprocess_of_other_sizes():
     net = torch.hub.load(ROOT, "backbone", source="local", arch="resnet18", channels=3, size=64)
     assert net.conv1.in_channels == 3 and net.conv1.kernel_size == (3, 3) and net.medssl["method"] == "untrained"
