@@ -14,6 +14,7 @@ import tempfile
 import torch
 
 import common
+from hubconf import BACKBONE_FORMAT, load_backbone  # noqa: F401 (the backbone format and its loader: hubconf.py)
 
 
 # ------------------------------------------------------------------------------------------------ launch, run folder
@@ -252,7 +253,6 @@ def restore_state(path, args, method, data_id, model, optimizer, scheduler, gen,
 
 
 # ------------------------------------------------------------------------------------------------ the exported backbone
-from hubconf import BACKBONE_FORMAT, load_backbone  # noqa: E402,F401 (the format and its loader: hubconf.py)
 
 
 def _commit():
