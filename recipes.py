@@ -45,6 +45,11 @@ PILOTS = {
     "byol-pv": ("byol", "pneumonia", ["--bn", "per-view"]),
     "simsiam-pv": ("simsiam", "pneumonia", ["--bn", "per-view"]),
     "vicreg-pv": ("vicreg", "pneumonia", ["--bn", "per-view"]),
+    # VICReg diverged at step 12 with one warmup epoch (18 steps) at LARS 0.3; the BreastMNIST run, with 80 warmup
+    # steps, did not: the study's recipe with five warmup epochs (90 steps, half the run)
+    "vicreg-w5": ("vicreg", "pneumonia", ["--warmup-epochs", "5"]),
+    # the candidate byol-pv with the published brightness / contrast strength 0.4 instead of SimCLR's 0.8
+    "byol-pv-j4": ("byol", "pneumonia", ["--bn", "per-view", "--jitter", "0.4"]),
 }
 SCORES = [("linear", "linear"), ("linear_10pct", "linear 10%"), ("knn", "kNN")]  # results.json key -> column
 
