@@ -45,7 +45,7 @@ checks)
   # a. the op on CUDA against the reference, opcheck, every invalid-params rule (the CUDA kernel must clamp:
   #    test_cuda_kernel_is_memory_safe_for_any_params) and the direct-call checks of the known crash
   MEDSSL_REQUIRE_OP=1 stage op-tests 300 $PY -m pytest -q tests/test_op.py
-  # b. the crash (README "Known issue"): a backtrace if the direct-call test dies on a signal
+  # b. the crash (BENCHMARKS.md "Known issue"): a backtrace if the direct-call test dies on a signal
   if grep -q "rc -\|Segmentation\|Fatal Python" "$OUT/op-tests.log" && command -v cuda-gdb > /dev/null; then
     stage crash-backtrace 120 cuda-gdb -batch -ex run -ex bt --args $PY -m pytest -x -q tests/test_op.py \
       -k rejects_bad_arguments

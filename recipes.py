@@ -91,7 +91,7 @@ def run(name, out, runs_dir=os.path.join("runs", "recipes")):
                              stderr=subprocess.STDOUT)
     rec = {"name": name, "method": PILOTS[name][0], "data": PILOTS[name][1], "flags": PILOTS[name][2],
            "command": " ".join(cmd), "wall_s": round(time.time() - t0, 1),
-           "date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": reproduce.machine()}
+           "date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": runs.machine()}
     done = os.path.join(folder, "results.json")
     if rc != 0 or not os.path.exists(done):
         with open(os.path.join(folder, "log.txt"), errors="replace") as f:

@@ -7,6 +7,7 @@ import errno
 import glob
 import json
 import os
+import platform
 import signal
 import sys
 import tempfile
@@ -160,6 +161,18 @@ def log_jsonl(path, row):
         return
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def machine():
+    """This machine in one line, as every record states it: CPU model, threads, GPU, torch version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {torch.get_num_threads()} CPU threads, {gpu}, torch {torch.__version__}"
 
 
 def read_jsonl(path):

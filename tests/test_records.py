@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 
+import report
 import reproduce
 from conftest import ROOT
 
@@ -28,7 +29,7 @@ def test_every_committed_record_is_sound():
     paths = glob.glob(os.path.join(RUNS, "*.json"))
     assert paths
     for p in paths:
-        assert reproduce.check_record(p, load(p)) == [], p
+        assert report.check_record(p, load(p)) == [], p
 
 
 def edited(path, **change):
@@ -80,7 +81,7 @@ CASES = [  # (what the issue found, the record, the field its line must name)
 @pytest.mark.parametrize("what,make,field", CASES, ids=[c[0] for c in CASES])
 def test_a_bad_record_is_named_with_its_field(what, make, field):
     path = FAILED if "failed" in what else SIMCLR
-    problems = reproduce.check_record(path, make())
+    problems = report.check_record(path, make())
     assert problems and all(p.startswith(path) for p in problems)
     assert any(field in p for p in problems), problems
 
