@@ -12,6 +12,7 @@ import importlib
 import json
 import math
 import os
+import re
 
 import torch
 
@@ -259,16 +260,23 @@ def summary(ok, d):
 README_BEGIN, README_END = "<!-- results: begin (reproduce.py writes this block) -->", "<!-- results: end -->"
 
 
+def short_reason(reason):
+    """A failed run's message cut to its first clause for the README ("vicreg: loss is nan at epoch 1 step 10"; the
+    offline ImageNet error without its paths and URL); RESULTS.md keeps it whole."""
+    reason = re.sub(r"^[\w.]+\.py( --?[\w-]+ \S+)*: ", "", reason)  # the program's own prefix
+    return re.split(r"; | \(| at /", reason, maxsplit=1)[0].rstrip(". ")
+
+
 def readme_summary(records, datasets, cli):
     """The README's results block, from the same records as RESULTS.md: per dataset, test AUC of each model under
     every frozen-feature protocol, and the linear-probe difference to the untrained backbone of the same seed."""
     ok = [r for r in records if r["status"] == "ok"]
     done = len([r for r in records if r["status"] != "pending"])
     dates = sorted(r["date"][:10] for r in ok if "date" in r)
-    lines = [f"Preset `{cli.preset}`, built by `python reproduce.py {' '.join(cli.argv)}` from {done} of "
-             f"{len(records)} runs ({len(ok)} finished{f', {dates[0]} to {dates[-1]}' if dates else ''}; the runs' "
-             "machines, parts and wall times in [results/RESULTS.md](results/RESULTS.md)). Test AUC; one seed: the "
-             "linear probe's 95% bootstrap interval; the untrained backbone: mean ± std over its seeds.", ""]
+    lines = [f"Preset `{cli.preset}`: `python reproduce.py {' '.join(cli.argv)}`, from {done} of {len(records)} runs "
+             f"({len(ok)} finished{f', {dates[0]} to {dates[-1]}' if dates else ''}; machines and times in "
+             "[results/RESULTS.md](results/RESULTS.md)).", "Test AUC; one seed: the linear probe's 95% bootstrap "
+             "interval; the untrained backbone: mean ± std over its seeds.", ""]
     protos = PROTOCOLS[:4]  # the frozen-feature protocols
     for d in datasets:
         rows = []
@@ -284,10 +292,11 @@ def readme_summary(records, datasets, cli):
             lines += [f"| {d} | " + " | ".join(header(ok, d, p, n) for p, n in protos) +
                       " | minus untrained, linear 100% |",
                       "|---|" + "---:|" * (len(protos) + 1)] + rows + [""]
-        failed = [f"{NAMES[r['model']]} (seed {r['seed']}: {r['reason']})" for r in records
+        failed = [f"{NAMES[r['model']]} (seed {r['seed']}: {short_reason(r['reason'])})" for r in records
                   if r["data"] == d and r["status"] == "failed"]
         if failed:
-            lines += [f"Failed on {d}, no results: " + "; ".join(failed) + ".", ""]
+            lines += [f"Failed on {d}, no results: " + "; ".join(failed) + f". Why, in full: [{os.path.basename(cli.out)}"
+                      f"/RESULTS.md]({os.path.basename(cli.out)}/RESULTS.md).", ""]
         pending = {}  # model -> seeds not yet run
         for r in records:
             if r["data"] == d and r["status"] == "pending":

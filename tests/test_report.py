@@ -120,3 +120,15 @@ def test_ablation_table_reports_val_scores_and_the_best_variant(tmp_path):
     assert f"| {names[2]} |" in text and "| – | – | failed |" in text
     assert f"Best val kNN AUC: {names[1]}; best val linear AUC: {names[0]}." in text
     assert "test" not in text.replace("the test split is never looked at", "")  # val only
+
+
+def test_short_reason_keeps_the_first_clause_for_the_readme():
+    """The README block names each failure in one short clause (RESULTS.md keeps the whole message)."""
+    nan = "vicreg: loss is nan at epoch 1 step 10; stopped, no checkpoint yet. Try a lower --lr."
+    assert report.short_reason(nan) == "vicreg: loss is nan at epoch 1 step 10"
+    offline = ("evaluate.py --init imagenet: ImageNet weights for resnet18 not found at /root/.cache/torch/hub/"
+               "checkpoints/resnet18-f37072fd.pth and could not be downloaded (URLError: <urlopen error>): download "
+               "https://download.pytorch.org/models/resnet18-f37072fd.pth to /root/.cache/...")
+    assert report.short_reason(offline) == "ImageNet weights for resnet18 not found"
+    assert report.short_reason("exit code 3") == "exit code 3"
+    assert report.short_reason("ValueError: bad --lr") == "ValueError: bad --lr"  # not a program's prefix
