@@ -56,9 +56,11 @@ class Args:
     # Barlow Twins
     lambd: float = 5.1e-3  # lambda, weight of the off-diagonal (redundancy) term (the paper's)
     scale_loss: float = 0.1  # the loss is multiplied by this (solo-learn's CIFAR recipe; the paper's code: 1/32)
-    proj_dim: int = 2048  # D, width of all three projector layers (paper: 8192 for ResNet-50 on ImageNet)
+    proj_dim: int = 2048  # D, width of the projection z and of the projector's hidden layers (paper: 8192, ResNet-50)
 
 
+# what the method's own fields may hold, checked with common.RULES (the shared ones) before any work starts
+RULES = {"lambd": common.NON_NEGATIVE, "scale_loss": common.POSITIVE, "proj_dim": common.COUNT}
 METHOD = "barlow"
 VIEWS = (common.ViewProbs(jitter=0.8, gray=0.2, blur=1.0, solarize=0.0),  # BYOL's asymmetric views, as the paper
          common.ViewProbs(jitter=0.8, gray=0.2, blur=0.1, solarize=0.2))

@@ -57,9 +57,11 @@ class Args:
     # BYOL
     ema_decay: float = 0.99  # base EMA rate of the target network, raised to 1 on a cosine schedule (paper: 0.996)
     proj_hidden: int = 4096  # projector and predictor hidden width (the paper's)
-    proj_dim: int = 256  # projector and predictor output width (the paper's)
+    proj_dim: int = 256  # D, width of the projection z and of the prediction p (the paper's)
 
 
+# what the method's own fields may hold, checked with common.RULES (the shared ones) before any work starts
+RULES = {"ema_decay": (lambda v: 0 <= v <= 1, "0..1"), "proj_hidden": common.COUNT, "proj_dim": common.COUNT}
 METHOD = "byol"
 VIEWS = (common.ViewProbs(jitter=0.8, gray=0.2, blur=1.0, solarize=0.0),  # the paper's asymmetric views: always
          common.ViewProbs(jitter=0.8, gray=0.2, blur=0.1, solarize=0.2))  # blur the first, sometimes solarize the 2nd

@@ -36,50 +36,52 @@ def parse_args(cls, argv=None):
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             parser.add_argument(flag, type=typ, default=f.default, help=doc)
     args = cls(**vars(parser.parse_args(argv)))
-    errors = check_args(args)
+    errors = check_args(args, {**RULES, **getattr(sys.modules[cls.__module__], "RULES", {})})  # + the method's own
     if errors:
         parser.error("\n  " + "\n  ".join(errors))  # usage + every bad field, exit code 2
     return args
 
 
-# What each Args field may hold (every method file's fields; tests/test_common.py checks none is missing). The
-# comparisons are written so that NaN fails them. --epochs 0 is refused: there is nothing to pre-train.
+# What a field may hold: (test, what is expected). The comparisons are written so that NaN fails them.
+POSITIVE = (lambda v: 0 < v < math.inf, "> 0")
+NON_NEGATIVE = (lambda v: 0 <= v < math.inf, ">= 0")
+COUNT = (lambda v: v >= 1, ">= 1")
+ANY = (lambda v: True, "any")
+
+
+def one_of(*choices):
+    return lambda v: v in choices, ", ".join(choices[:-1]) + " or " + choices[-1]
+
+
+# The fields every method file shares; each method file's RULES, beside its Args, adds its own fields (a test checks
+# that every field has a rule). --epochs 0 is refused: there is nothing to pre-train.
 RULES = {
     "data": (lambda v: v != "", "a MedMNIST flag, a folder or an .npz file"),
     "size": (lambda v: 8 <= v <= 1024, "8..1024 pixels"),
-    "arch": (lambda v: v in ("resnet18", "resnet50"), "resnet18 or resnet50"),
-    "epochs": (lambda v: v >= 1, ">= 1"),
+    "arch": one_of("resnet18", "resnet50"),
+    "epochs": COUNT,
     "batch_size": (lambda v: v >= 2, ">= 2 (batch norm and the losses need two images)"),
-    "lr": (lambda v: 0 < v < math.inf, "> 0"),
-    "optimizer": (lambda v: v in ("lars", "sgd"), "lars or sgd"),
-    "bn": (lambda v: v in ("joint", "per-view"), "joint or per-view"),
-    "weight_decay": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "lr": POSITIVE,
+    "optimizer": one_of("lars", "sgd"),
+    "bn": one_of("joint", "per-view"),
+    "weight_decay": NON_NEGATIVE,
     "warmup_epochs": (lambda v: v >= 0, ">= 0"),
     "seed": (lambda v: 0 <= v < 2 ** 63, "0 <= seed < 2**63"),
     "train_subset": (lambda v: v >= 0, ">= 0 (0: the whole train split)"),
-    "eval_every": (lambda v: v >= 1, ">= 1"),
+    "eval_every": COUNT,
     "finetune_epochs": (lambda v: v >= 0, ">= 0"),
     "min_scale": (lambda v: 0 <= v <= 1, "0 (by size) or a fraction in (0, 1]"),
     "jitter": (lambda v: v == -1 or 0 <= v <= 1, "-1 (by size) or 0..1"),
     "blur": (lambda v: v in (-1, 0, 1), "-1 (by size), 0 or 1"),
-    "temperature": (lambda v: 0 < v < math.inf, "> 0"),
-    "sigma": (lambda v: 0 < v < math.inf, "> 0"),
-    "weighting": (lambda v: v in ("vmf", "none"), "vmf or none"),
-    "compile": (lambda v: v in ("none", "default", "reduce-overhead", "max-autotune"),
-                "none, default, reduce-overhead or max-autotune"),
-    "ema_decay": (lambda v: 0 <= v <= 1, "0..1"),
-    "lambd": (lambda v: 0 <= v < math.inf, ">= 0"),
-    "scale_loss": (lambda v: 0 < v < math.inf, "> 0"),
-    **{k: (lambda v: 0 <= v < math.inf, ">= 0") for k in ("sim_coeff", "std_coeff", "cov_coeff")},
-    **{k: (lambda v: v >= 1, ">= 1") for k in ("proj_hidden", "proj_dim", "pred_hidden")},
-    **{k: (lambda v: True, "any") for k in ("data_dir", "out", "resume", "overwrite", "fix_pred_lr", "host_data")},
+    "compile": one_of("none", "default", "reduce-overhead", "max-autotune"),
+    **{k: ANY for k in ("data_dir", "out", "resume", "overwrite", "host_data")},
 }
 
 
-def check_args(args):
-    """One message per Args field that breaks its RULES entry, plus the cross-field rules."""
-    errors = [f"--{k.replace('_', '-')} {v!r}: expected {RULES[k][1]}" for k, v in vars(args).items()
-              if k in RULES and not RULES[k][0](v)]
+def check_args(args, rules=RULES):
+    """One message per Args field that breaks its entry in rules, plus the cross-field rules."""
+    errors = [f"--{k.replace('_', '-')} {v!r}: expected {rules[k][1]}" for k, v in vars(args).items()
+              if k in rules and not rules[k][0](v)]
     out = getattr(args, "out", "")
     if out and os.path.exists(out) and not os.path.isdir(out):
         errors.append(f"--out {out!r}: is a file, expected a run folder")

@@ -61,9 +61,12 @@ class Args:
     weighting: str = "vmf"  # positive weight w_i: vmf (DCLW, the default) or none (DCL)
     sigma: float = 0.5  # sigma of the von Mises-Fisher weight (the paper's)
     proj_hidden: int = 2048  # projector hidden width
-    proj_dim: int = 256  # projector output width (paper: 128)
+    proj_dim: int = 256  # D, width of the projection z (paper: 128)
 
 
+# what the method's own fields may hold, checked with common.RULES (the shared ones) before any work starts
+RULES = {"temperature": common.POSITIVE, "weighting": common.one_of("vmf", "none"), "sigma": common.POSITIVE,
+         "proj_hidden": common.COUNT, "proj_dim": common.COUNT}
 METHOD = "dclw"
 VIEWS = (common.ViewProbs(jitter=0.8, gray=0.2, blur=0.5, solarize=0.0),) * 2  # SimCLR's views, as the paper
 

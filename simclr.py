@@ -56,9 +56,11 @@ class Args:
     # SimCLR
     temperature: float = 0.2  # t in NT-Xent (solo-learn's CIFAR value; the paper: 0.5 on CIFAR-10, 0.1 ImageNet)
     proj_hidden: int = 2048  # projector hidden width
-    proj_dim: int = 256  # projector output width (paper: 128)
+    proj_dim: int = 256  # D, width of the projection z (paper: 128)
 
 
+# what the method's own fields may hold, checked with common.RULES (the shared ones) before any work starts
+RULES = {"temperature": common.POSITIVE, "proj_hidden": common.COUNT, "proj_dim": common.COUNT}
 METHOD = "simclr"
 VIEWS = (common.ViewProbs(jitter=0.8, gray=0.2, blur=0.5, solarize=0.0),) * 2  # both views alike in SimCLR
 

@@ -53,11 +53,13 @@ class Args:
     compile: str = "none"  # torch.compile the backbone: none, default or reduce-overhead (CUDA graphs); bench.py
     host_data: bool = False  # keep the images in pinned CPU memory, copy each batch (auto when they do not fit)
     # SimSiam
-    proj_dim: int = 2048  # projector hidden and output width (the paper's)
+    proj_dim: int = 2048  # D, width of the projection z and of the projector's hidden layer (the paper's)
     pred_hidden: int = 512  # predictor bottleneck width, proj_dim / 4 as in the paper
     fix_pred_lr: bool = True  # keep the predictor's LR constant instead of decaying it (the paper's choice)
 
 
+# what the method's own fields may hold, checked with common.RULES (the shared ones) before any work starts
+RULES = {"proj_dim": common.COUNT, "pred_hidden": common.COUNT, "fix_pred_lr": common.ANY}
 METHOD = "simsiam"
 VIEWS = (common.ViewProbs(jitter=0.8, gray=0.2, blur=0.5, solarize=0.0),) * 2  # SimCLR's views, as the paper
 

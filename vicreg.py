@@ -61,9 +61,12 @@ class Args:
     sim_coeff: float = 25.0  # lambda, weight of the invariance term (the paper's)
     std_coeff: float = 25.0  # mu, weight of the variance term (the paper's)
     cov_coeff: float = 1.0  # nu, weight of the covariance term (the paper's)
-    proj_dim: int = 2048  # D, width of all three expander layers (paper: 8192 for ResNet-50 on ImageNet)
+    proj_dim: int = 2048  # D, width of the embedding z and of the expander's hidden layers (paper: 8192, ResNet-50)
 
 
+# what the method's own fields may hold, checked with common.RULES (the shared ones) before any work starts
+RULES = {"sim_coeff": common.NON_NEGATIVE, "std_coeff": common.NON_NEGATIVE, "cov_coeff": common.NON_NEGATIVE,
+         "proj_dim": common.COUNT}
 METHOD = "vicreg"
 VIEWS = (common.ViewProbs(jitter=0.8, gray=0.2, blur=1.0, solarize=0.0),  # BYOL's asymmetric views, as the paper
          common.ViewProbs(jitter=0.8, gray=0.2, blur=0.1, solarize=0.2))

@@ -45,10 +45,13 @@ def wait_for_step(log, since=0.0, timeout=300):
 # ------------------------------------------------------------------------------------------------ arguments
 @pytest.mark.parametrize("method", METHOD_FILES)
 def test_every_args_field_has_a_rule_and_the_defaults_pass(method):
-    args_cls = __import__(method).Args
-    missing = [f.name for f in dataclasses.fields(args_cls) if f.name not in common.RULES]
-    assert not missing, f"{method}.Args fields without a common.RULES entry: {missing}"
-    assert common.check_args(args_cls()) == []
+    module = __import__(method)
+    rules = {**common.RULES, **module.RULES}
+    missing = [f.name for f in dataclasses.fields(module.Args) if f.name not in rules]
+    assert not missing, f"{method}.Args fields without a rule (common.RULES or {method}.RULES): {missing}"
+    assert common.check_args(module.Args(), rules) == []
+    assert not set(module.RULES) & set(common.RULES), "a method's own rule shadows a shared one"
+    assert not {k for m in METHOD_FILES if m != method for k in __import__(m).RULES} & set(common.RULES)
 
 
 @pytest.mark.parametrize("argv,message", [
