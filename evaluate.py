@@ -1,11 +1,11 @@
 """Evaluation protocols (weighted kNN, linear probe at 1/10/100% labels, end-to-end fine-tune), their metrics
-(ACC, ROC AUC, weighted F1, balanced accuracy), and the baselines (random init, supervised, ImageNet transfer).
+(ACC, ROC AUC, weighted F1, balanced accuracy), and the two baselines that need no training (the untrained backbone,
+ImageNet transfer); the supervised-from-scratch baseline is a training script, supervised.py.
 
 As a module, the method files call `evaluate(backbone, ds, mean, std)` at the end and `knn_eval` during training.
 As a script:
     python evaluate.py --checkpoint runs/simclr-pneumonia-28-s0/checkpoint.pt   # a trained backbone
     python evaluate.py --data pneumonia --init random                           # the untrained baseline
-    python evaluate.py --data pneumonia --init supervised --epochs 100          # trained with labels from scratch
     python evaluate.py --data pneumonia --init imagenet [--weights FILE]        # ImageNet transfer
 Add --finetune-epochs N for the end-to-end protocol.
 Each prints a table and writes JSON (eval.json beside the checkpoint; else runs/<init>-<data>-<size>-s<seed>/results.json).
@@ -208,8 +208,6 @@ def evaluate(backbone, ds, mean, std, fractions=(0.01, 0.1), seed=0, finetune_ep
 
 
 CROP_FLIP = common.ViewProbs(jitter=0.0, gray=0.0, blur=0.0, solarize=0.0)
-# the supervised-from-scratch baseline sees the SSL methods' augmentation (SimCLR's view: same crops, jitter, blur)
-SSL_VIEW = common.ViewProbs(jitter=0.8, gray=0.2, blur=0.5, solarize=0.0)
 
 
 @torch.no_grad()
@@ -223,7 +221,7 @@ def train_with_labels(net, head, ds, mean, std, epochs, lr, backbone_lr_scale, b
     augmented view per image per step (the crop scale of the image size, common.AUGMENT); the backbone's LR is
     lr * backbone_lr_scale. Both are trained in place. The val AUC is measured after every epoch (and before the
     first, epoch 0); returns the test metrics of the best-val epoch (val AUC, then val balanced accuracy), with that
-    epoch and its val AUC. Shared by the fine-tune protocol and the supervised-from-scratch baseline."""
+    epoch and its val AUC. The fine-tune protocol's loop (supervised.py, the baseline, is written out as a method)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x, y = ds["train"]
@@ -350,22 +348,23 @@ def main(argv=None):
     ap.add_argument("--data-dir", help="where the data lives (default: the checkpoint's, else $MEDSSL_DATA_DIR)")
     ap.add_argument("--arch", help="resnet18 or resnet50 (default: the checkpoint's, else resnet18)")
     ap.add_argument("--init", default="random", choices=["random", "supervised", "imagenet"],
-                    help="baseline when no --checkpoint is given: untrained; trained from scratch with labels for "
-                         "--epochs; torchvision's ImageNet weights (see --weights)")
+                    help="baseline when no --checkpoint is given: untrained, or torchvision's ImageNet weights (see "
+                         "--weights); the supervised baseline trains: python supervised.py")
     ap.add_argument("--weights", default=None, help="--init imagenet: a torchvision weights file (default: the torch "
                                                      "hub cache, downloaded there when a network exists)")
     ap.add_argument("--imagenet-size", type=int, default=224, help="--init imagenet: input side the images are "
                                                                    "resized to (the weights' training resolution)")
-    ap.add_argument("--epochs", type=int, default=100, help="--init supervised: epochs (the SSL methods' budget)")
-    ap.add_argument("--lr", type=float, default=0.1, help="--init supervised: SGD learning rate for a batch of 256, "
-                                                         "scaled linearly with the batch size")
-    ap.add_argument("--batch-size", type=int, default=256, help="--init supervised: images per step")
+    ap.add_argument("--batch-size", type=int, default=256, help="the study's batch size, kept in its command line "
+                                                                "for a uniform configuration (nothing here trains)")
     ap.add_argument("--train-subset", type=int, help="use a random N-image subset of the train split (default: the "
                                                       "checkpoint's, else 0 = all)")
     ap.add_argument("--seed", type=int, help="(default: the checkpoint's, else 0)")
     ap.add_argument("--out", default="", help="JSON path (default: beside the checkpoint, or runs/<init>-...)")
     ap.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune end to end for N epochs (0: skip)")
     cli = ap.parse_args(argv)
+    if cli.init == "supervised" and not (cli.checkpoint or cli.backbone):
+        raise SystemExit("evaluate.py --init supervised: the supervised baseline is a training script now: python "
+                         "supervised.py --data ... (same options as the methods; it evaluates itself)")
     device = common.get_device()
     if cli.checkpoint and cli.backbone:
         raise SystemExit("--checkpoint and --backbone: give one")
@@ -420,15 +419,6 @@ def main(argv=None):
     backbone.to(device)
     mean, std = dataset.channel_stats(ds["train"][0])
     res = {"method": method, "data": data, "size": size, "epochs": ckpt.get("epoch", 0) if cli.checkpoint else 0}
-    if method == "supervised":  # same backbone, augmentation and epoch budget as the SSL methods, but with labels
-        lr = cli.lr * cli.batch_size / 256  # the linear scaling rule, as in the method files
-        head = torch.nn.Linear(dim, ds["n_classes"]).to(device)
-        sup = train_with_labels(backbone, head, ds, mean, std, cli.epochs, lr, 1.0, cli.batch_size, seed, SSL_VIEW)
-        res.update(epochs=cli.epochs, supervised=sup)
-        trained = argparse.Namespace(arch=arch, size=size, data=data)  # exported like a method's (hubconf.py)
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        runs.save_backbone(os.path.join(os.path.dirname(os.path.abspath(out)), "backbone.pt"), backbone,
-                           "supervised", trained, ds, mean, std)
     res.update(evaluate(backbone, ds, mean, std, seed=seed, finetune_epochs=cli.finetune_epochs))
     print_table({f"{method} ({ds['name']}, {size}px)": res})
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

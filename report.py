@@ -66,6 +66,8 @@ RECORD = {
 RECORD_OK = {"results": (dict, "the run's results.json: protocol -> metrics"), "command": (str, "what ran"),
              "curves": (dict, "per-epoch loss, z_std and online val kNN (curves())")}
 RECORD_FAILED = {"reason": (str, "the run's own last message (failure_reason)")}
+# Optional: "migrated" (str), why and when a record's config was rewritten to a new script's command that gives the
+# same results (the supervised baseline's records, when it moved from evaluate.py to supervised.py).
 
 
 def check_record(path, rec):
@@ -93,12 +95,12 @@ def check_record(path, rec):
         bad.append(f"{path}: config_hash: {rec['config_hash']} is not the hash of its config (edited?)")
     words = rec["config"].split()
     flag = lambda f: words[words.index(f) + 1] if f in words[:-1] else None
-    script = f"{rec['model']}.py" if rec["model"] in METHODS else "evaluate.py"
+    script = f"{rec['model']}.py" if rec["model"] in METHODS + ["supervised"] else "evaluate.py"
     agree = {"script": (words[0] if words else None, script), "--seed": (flag("--seed"), str(rec["seed"])),
              "--data/--size": (flag("--data") and data_name(flag("--data"), flag("--size")), rec["data"]),
              "--batch-size": (flag("--batch-size"), str(rec["batch_size"])),
              "--finetune-epochs": (flag("--finetune-epochs"), str(rec["finetune_epochs"]))}
-    if rec["model"] in BASELINES:
+    if script == "evaluate.py":
         agree["--init"] = (flag("--init"), rec["model"])
     if rec["model"] in METHODS + ["supervised"]:
         agree["--epochs"] = (flag("--epochs"), str(rec["epochs"]))

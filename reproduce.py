@@ -189,9 +189,9 @@ def command(run, out, data_dir="", weights=None):
                     *cfg.get("extra", [])]
         cmd = with_flags(cmd, cfg.get("method_flags", {}).get(run.model, []))  # this data entry's, set in main()
         return cmd + ["--resume"]  # continues an interrupted run of this config; starts one when there is none
+    if run.model == "supervised":  # a training script like the methods: the same epochs, its own recipe
+        return py + ["supervised.py", *common_args, "--epochs", str(cfg["epochs"]), "--out", out, "--resume"]
     cmd = py + ["evaluate.py", "--init", run.model, *common_args, "--out", os.path.join(out, "results.json")]
-    if run.model == "supervised":
-        cmd += ["--epochs", str(cfg["epochs"])]
     if run.model == "imagenet":
         cmd += ["--imagenet-size", str(cfg["imagenet_size"])] + (["--weights", weights] if weights else [])
     return cmd

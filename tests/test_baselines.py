@@ -79,21 +79,12 @@ def test_bad_weights_files_name_the_file(tmp_path):
         evaluate.imagenet_backbone("resnet50", 2, 64, evaluate.imagenet_weights("resnet50", str(other)))
 
 
-def test_evaluate_script_imagenet_and_supervised(weights_file, tmp_path):
+def test_evaluate_script_imagenet(weights_file, tmp_path):
     np.savez(tmp_path / "pneumoniamnist.npz", **make_arrays(n=(96, 24, 48), seed=3))
     path, _ = weights_file
     res = evaluate.main(["--data", "pneumonia", "--data-dir", str(tmp_path), "--init", "imagenet", "--weights",
                          str(path), "--imagenet-size", "32", "--out", str(tmp_path / "imn.json")])
     assert res["method"] == "imagenet" and res["linear"]["auc"] > 0.9  # brightness classes: easy for any features
-    sup = evaluate.main(["--data", "pneumonia", "--data-dir", str(tmp_path), "--init", "supervised", "--epochs", "4",
-                         "--lr", "0.4", "--batch-size", "32", "--out", str(tmp_path / "sup.json")])
-    assert sup["epochs"] == 4 and sup["supervised"]["acc"] > 0.9  # the head it trained with the labels
-    saved = json.loads((tmp_path / "sup.json").read_text())
-    assert saved["supervised"] == sup["supervised"] and len(saved["embedding"]["xy"]) == 48
-    # the supervised baseline's backbone is exported like a method's, beside its results (hubconf.py loads it)
-    import runs
-    net, info = runs.load_backbone(str(tmp_path / "backbone.pt"))
-    assert info["method"] == "supervised" and info["size"] == 28 and info["in_channels"] == 1
     with pytest.raises(SystemExit, match="--init imagenet: .*missing.pth: could not load"):
         evaluate.main(["--data", "pneumonia", "--data-dir", str(tmp_path), "--init", "imagenet", "--weights",
                        str(tmp_path / "missing.pth")])
