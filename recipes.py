@@ -50,6 +50,11 @@ PILOTS = {
     "vicreg-w5": ("vicreg", "pneumonia", ["--warmup-epochs", "5"]),
     # the candidate byol-pv with the published brightness / contrast strength 0.4 instead of SimCLR's 0.8
     "byol-pv-j4": ("byol", "pneumonia", ["--bn", "per-view", "--jitter", "0.4"]),
+    # vicreg-w5 held at LARS LR <= 0.2 and diverged above it (step 63, LR 0.22), its loss flat at ~24 (the variance
+    # hinge: std(z) ~0.04) all the while: a peak LR of 0.1, and plain SGD at a quarter of lightly's LR (0.12 blew
+    # up at step 4)
+    "vicreg-lr01": ("vicreg", "pneumonia", ["--lr", "0.1"]),
+    "vicreg-sgd-lr03": ("vicreg", "pneumonia", PLAIN + ["--lr", "0.03", "--warmup-epochs", "1"]),
 }
 SCORES = [("linear", "linear"), ("linear_10pct", "linear 10%"), ("knn", "kNN")]  # results.json key -> column
 
