@@ -106,34 +106,14 @@ def bench_augment(device, sizes, channels, B, repeats, contenders):
 
 
 def bench_step(device, size, B, repeats):
-    """One SimCLR step (ResNet-18, both views in one call) with the op, and the augmentation's share of it."""
-    ds_images = torch.randint(0, 256, (B, 1, size, size), dtype=torch.uint8, device=device)
-    backbone, dim = common.make_backbone("resnet18", 1, size)
-    projector = simclr.Projector(dim, 512, 128)
-    model = torch.nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)
-    model = model.to(memory_format=torch.channels_last)  # as the method files
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    view = common.ViewProbs()
-
-    def augment():
-        params = common.sample_params(B, size, size, 1, g, views=(view, view)).to(device, non_blocking=True)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as the method files do
-        return common.augment(ds_images, params, size, [0.5], [0.25], dtype=dtype)
-
-    def step():
-        x1, x2 = augment()
-        x = torch.cat([x1, x2]).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            z = projector(backbone(x))
-        z1, z2 = z.float().chunk(2)
-        loss = simclr.loss_fn(z1, z2, 0.5)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    t_step = timeit(step, device, repeats)
-    t_aug = timeit(augment, device, max(repeats, 5))
+    """simclr.py's step (simclr_step) fed by the method files' params -> augment sequence (medssl_views), and the
+    augmentation's share of it: the augmentation timed alone over the share of the whole step it is part of."""
+    images = torch.randint(0, 256, (B, 1, size, size), dtype=torch.uint8, device=device)
+    step = simclr_step(device, 1, size, B)
+    views = medssl_views(images, size, [0.5], [0.25], device)
+    idx = torch.arange(B, device=device)
+    t_step = timeit(lambda: step(*views(idx)), device, repeats)
+    t_aug = timeit(lambda: views(idx), device, max(repeats, 5))
     return {"device": device.type, "size": size, "batch": B, "step_s": t_step, "images_per_s": B / t_step,
             "augment_s": t_aug, "augment_share": t_aug / t_step}
 
@@ -152,29 +132,45 @@ class TwoViews(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.transform(self.images[i])
 
 
-def simclr_step(device, C, size, compile_mode="none", layout=torch.channels_last):
-    """SimCLR's training step as in simclr.py (ResNet-18, projector 2048 -> 256, LARS, bf16 autocast on CUDA,
-    channels_last tensors): returns step(x1, x2) -> loss. compile_mode: none, or a torch.compile mode for the
-    backbone (default, reduce-overhead = CUDA graphs, max-autotune); layout: the memory format of the weights and
-    of the views (torch.contiguous_format to measure NCHW against the method files' NHWC)."""
-    backbone, dim = common.make_backbone("resnet18", C, size)
-    projector = simclr.Projector(dim, 2048, 256)
+def simclr_step(device, C, size, B, compile_mode="none", layout=torch.channels_last):
+    """simclr.py's training step, built from its own parts and defaults (simclr.Args: backbone, projector widths,
+    optimizer and its LR for a batch of B, weight decay, temperature; bf16 autocast on CUDA, channels_last):
+    returns step(x1, x2) -> loss. The one step every timing here uses. compile_mode: none, or a torch.compile mode
+    for the backbone; layout: the memory format of weights and views (contiguous, to measure NCHW against NHWC)."""
+    args = simclr.Args()
+    backbone, dim = common.make_backbone(args.arch, C, size)
+    projector = simclr.Projector(dim, args.proj_hidden, args.proj_dim)
     model = torch.nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)
     model = model.to(memory_format=layout)
     if compile_mode != "none":
         backbone.compile(mode=compile_mode)
-    opt = common.LARS(model.parameters(), lr=0.1, weight_decay=1e-5)
+    opt = common.make_optimizer(args.optimizer, model.parameters(), args.lr * B / 256, args.weight_decay)
 
     def step(x1, x2):
-        x = torch.cat([x1, x2]).contiguous(memory_format=layout)
+        x = torch.cat([x1, x2]).contiguous(memory_format=layout)  # both views in one call, as simclr.py
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             z = projector(backbone(x))
-        loss = simclr.loss_fn(*z.float().chunk(2), 0.2)
+        loss = simclr.loss_fn(*z.float().chunk(2), args.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss
+    step.model, step.optimizer = model, opt  # for the test that this is simclr.py's step
     return step
+
+
+def medssl_views(images, size, mean, std, device, seed=0):
+    """The method files' params -> augment sequence on uint8 images held on the device: views(idx) -> (x1, x2),
+    simclr.py's views for this size (common.augmentation), params drawn on the CPU from a seeded generator."""
+    C = images.shape[1]
+    aug = common.augmentation(size, simclr.VIEWS)
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as the method files
+
+    def views(idx):
+        params = common.sample_params(len(idx), size, size, C, gen, **aug).to(device, non_blocking=True)
+        return common.augment(images[idx], params, size, mean, std, dtype=dtype)
+    return views
 
 
 def bench_layouts(device, size, B, rounds):
@@ -185,7 +181,7 @@ def bench_layouts(device, size, B, rounds):
     g = torch.Generator().manual_seed(0)
     x1, x2 = (torch.randn(B, 1, size, size, generator=g).to(device) for _ in range(2))
     layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-    steps = {name: simclr_step(device, 1, size, layout=fmt) for name, fmt in layouts.items()}
+    steps = {name: simclr_step(device, 1, size, B, layout=fmt) for name, fmt in layouts.items()}
     times = {name: [] for name in layouts}
     for step in steps.values():
         step(x1, x2)  # warm-up: allocator, oneDNN primitive caches
@@ -215,18 +211,14 @@ def bench_end_to_end(device, name, images, B, steps, workers, compile_modes):
     mean, std = dataset.channel_stats(images)
     rows = []
     # medssl: the whole uint8 set on the device, index slices, params drawn on the CPU, the fused op
-    on_device = images.to(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    aug = common.augmentation(size, simclr.VIEWS)
+    views = medssl_views(images.to(device), size, mean, std, device)
     gen = torch.Generator().manual_seed(0)
     for mode in compile_modes:
-        step = simclr_step(device, C, size, mode)
+        step = simclr_step(device, C, size, B, mode)
         perm = torch.randperm(N, generator=gen).to(device)
 
         def medssl_step(i):
-            idx = perm[(i * B) % (N - B + 1):][:B]
-            params = common.sample_params(B, size, size, C, gen, **aug).to(device, non_blocking=True)
-            return step(*common.augment(on_device[idx], params, size, mean, std, dtype=dtype))
+            return step(*views(perm[(i * B) % (N - B + 1):][:B]))
         t0 = time.perf_counter()
         medssl_step(0)  # warm-up (and compilation)
         if device.type == "cuda":
@@ -239,7 +231,7 @@ def bench_end_to_end(device, name, images, B, steps, workers, compile_modes):
                      "compile": mode, "workers": 0, "step_s": t, "images_per_s": B / t, "epoch_s": N // B * t,
                      "first_step_s": first, "step_TFLOP": fc.get_total_flops() / 1e12})
     # conventional: Dataset + torchvision v2 per image in DataLoader workers, pinned memory, non-blocking copies
-    step = simclr_step(device, C, size)
+    step = simclr_step(device, C, size, B)
     for w in workers:
         loader = torch.utils.data.DataLoader(
             TwoViews(images, recipe_pipeline(size, C, mean, std)), batch_size=B, shuffle=True, drop_last=True,
@@ -268,15 +260,12 @@ def profile_step(device, size, B, steps=10):
     """torch.profiler over `steps` medssl SimCLR steps: where the time goes (the top ops) and, on CUDA, the share
     of the wall time the GPU spends in kernels (busy); the rest is launch gaps and host work."""
     from torch.profiler import ProfilerActivity, profile
-    images = torch.randint(0, 256, (4 * B, 1, size, size), dtype=torch.uint8, device=device)
-    step = simclr_step(device, 1, size)
-    aug = common.augmentation(size, simclr.VIEWS)
-    gen = torch.Generator().manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    images = torch.randint(0, 256, (B, 1, size, size), dtype=torch.uint8, device=device)
+    step, views = simclr_step(device, 1, size, B), medssl_views(images, size, [0.5], [0.25], device)
+    idx = torch.arange(B, device=device)
 
     def one():
-        params = common.sample_params(B, size, size, 1, gen, **aug).to(device, non_blocking=True)
-        step(*common.augment(images[:B], params, size, [0.5], [0.25], dtype=dtype))
+        step(*views(idx))
     for _ in range(3):
         one()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -362,7 +351,7 @@ def main():
     for s in report["step"]:
         print(f"SimCLR step ({s['device']}, ResNet-18, {s['size']} px, batch {s['batch']}): {s['step_s'] * 1e3:.1f} ms, "
               f"{s['images_per_s']:.0f} img/s; augmentation {s['augment_s'] * 1e3:.2f} ms = "
-              f"{100 * s['augment_share']:.1f}% of the step")
+              f"{100 * s['augment_share']:.2g}% of the step")
     for r in report["layouts"]:
         print(f"training step ({r['device']}, ResNet-18, {r['size']} px, batch {r['batch']}, median of {r['rounds']} "
               f"alternating rounds): contiguous {r['contiguous_steps_per_s']:.3f} steps/s, channels_last "

@@ -103,3 +103,23 @@ def test_channels_last_training_step_matches_contiguous(dtype, loss_rtol, grad_r
     assert losses[0] == pytest.approx(losses[1], rel=loss_rtol)
     for (name, a), b in zip(nchw.named_parameters(), nhwc.parameters()):
         assert (b.grad - a.grad).norm() <= grad_rtol * a.grad.norm(), name
+
+
+def test_the_timed_step_is_simclr_py_s_step():
+    """bench.py times simclr.py's own step, built from its parts and its Args defaults (planted: the old bench step,
+    a 512 -> 128 projector with plain SGD and t = 0.5, fails every line), and feeds it simclr.py's views."""
+    import bench
+    args = simclr.Args()
+    step = bench.simclr_step(torch.device("cpu"), 1, 28, 64)
+    proj = step.model["projector"].net
+    assert (proj[0].out_features, proj[-1].out_features) == (args.proj_hidden, args.proj_dim)
+    assert type(step.optimizer) is type(common.make_optimizer(args.optimizer, [torch.zeros(1)], 1.0, 0.0))
+    assert step.optimizer.param_groups[0]["lr"] == pytest.approx(args.lr * 64 / 256)
+    assert step.optimizer.param_groups[0]["weight_decay"] == args.weight_decay
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    x1, x2 = bench.medssl_views(images, 28, [0.5], [0.25], torch.device("cpu"))(torch.arange(8))
+    assert x1.shape == x2.shape == (8, 1, 28, 28) and not torch.equal(x1, x2)
+    torch.manual_seed(0)
+    want = simclr.loss_fn(*step.model["projector"](step.model["backbone"](torch.cat([x1, x2]))).chunk(2),
+                          args.temperature)
+    assert step(x1, x2).item() == pytest.approx(want.item(), rel=1e-4)  # its loss: simclr.py's, at its temperature
