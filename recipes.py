@@ -17,9 +17,7 @@ import datetime
 import glob
 import json
 import os
-import subprocess
 import sys
-import time
 
 import reproduce
 import runs
@@ -89,20 +87,16 @@ def run(name, out, runs_dir=os.path.join("runs", "recipes")):
     folder = os.path.join(runs_dir, name)
     os.makedirs(folder, exist_ok=True)
     print(f"[run ] {name}: {' '.join(cmd)}", flush=True)
-    t0 = time.time()
-    with open(os.path.join(folder, "log.txt"), "a") as log:
-        script = os.path.join(ROOT, cmd[0])  # the method file beside this one, whatever the working folder
-        rc = subprocess.call([sys.executable, "-u", script, *cmd[1:], "--out", folder, "--resume"], stdout=log,
-                             stderr=subprocess.STDOUT)
+    script = os.path.join(ROOT, cmd[0])  # the method file beside this one, whatever the working folder
+    rc, wall = runs.run_child([sys.executable, "-u", script, *cmd[1:], "--out", folder, "--resume"], folder)
     rec = {"name": name, "method": PILOTS[name][0], "data": PILOTS[name][1], "flags": PILOTS[name][2],
-           "command": " ".join(cmd), "wall_s": round(time.time() - t0, 1),
+           "command": " ".join(cmd), "wall_s": round(wall, 1),
            "date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": runs.machine()}
     done = os.path.join(folder, "results.json")
     if rc != 0 or not os.path.exists(done):
-        with open(os.path.join(folder, "log.txt"), errors="replace") as f:
-            rec.update(status="failed", reason=reproduce.failure_reason(f.read(), rc))
+        rec.update(status="failed", reason=runs.failure_reason(folder, rc))
     else:
-        rec.update(status="ok", **summary(read_json(done), reproduce.curves(os.path.join(folder, "metrics.jsonl"))))
+        rec.update(status="ok", **summary(read_json(done), runs.curves(os.path.join(folder, "metrics.jsonl"))))
     runs.write_json(path, rec)
     print(f"[{'done' if rec['status'] == 'ok' else 'fail'}] {name} in {rec['wall_s'] / 60:.1f} min: "
           f"{rec.get('val', rec.get('reason'))}", flush=True)

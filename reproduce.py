@@ -23,9 +23,7 @@ import hashlib
 import importlib
 import json
 import os
-import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -250,21 +248,14 @@ def run_one(run, cli, run_it=True):
     else:
         os.makedirs(folder, exist_ok=True)
         print(f"[run ] {key}: {' '.join(cmd[2:])}", flush=True)
-        t0 = time.time()
-        with open(os.path.join(folder, "log.txt"), "a") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-            RUNNING[proc] = key
-            rc = proc.wait()
-            del RUNNING[proc]
-        wall = time.time() - t0
+        rc, wall = runs.run_child(cmd, folder, RUNNING, key)
         if STOP.is_set():
             print(f"[stop] {key}: interrupted; rerun the same command to resume it", flush=True)
             return {**rec, "status": "pending"}
         ran = {"wall_s": wall, "ran_in_part": cli.part, "date": datetime.datetime.now().isoformat(timespec="minutes"),
                "machine": runs.machine()}
         if rc != 0 or not os.path.exists(done):
-            with open(os.path.join(folder, "log.txt"), errors="replace") as f:
-                reason = failure_reason(f.read(), rc)
+            reason = runs.failure_reason(folder, rc)
             print(f"[fail] {key} after {wall:.0f} s: {reason}", flush=True)
             return {**rec, "status": "failed", "reason": reason, **ran}
         runs.write_json(info, {"wall_s": wall, "command": " ".join(cmd[2:]),
@@ -275,31 +266,8 @@ def run_one(run, cli, run_it=True):
     if os.path.exists(info):
         with open(info) as f:
             rec.update(json.load(f))
-    rec["curves"] = curves(os.path.join(folder, "metrics.jsonl"))
+    rec["curves"] = runs.curves(os.path.join(folder, "metrics.jsonl"))
     return {**rec, "status": "ok"}
-
-
-def die_with_parent():
-    """In the child, before it runs: ask Linux to send it SIGTERM when this thread of reproduce.py ends, even by
-    SIGKILL (prctl PR_SET_PDEATHSIG), so no orphan keeps training; the child then stops as on Ctrl-C, keeping its
-    last checkpoint. Elsewhere (no prctl): nothing."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-TQDM_FRAME = re.compile(r"\S+:\s+\d+%\|[^\]]*\]")  # "vicreg:   5%|▌   | 9/180 [02:34<48:55, ...]": a progress frame
-
-
-def failure_reason(log, rc):
-    """The last thing a failed run's log says that is not a progress-bar frame: the method's own message (e.g.
-    "vicreg: loss is nan at ...; Try a lower --lr."), which tqdm's frames, written around it with \\r and no newline,
-    would otherwise hide."""
-    lines = [TQDM_FRAME.sub("", ln).strip() for ln in re.split(r"[\r\n]", log)]
-    lines = [ln for ln in lines if ln]
-    return lines[-1] if lines else f"exit code {rc}"
 
 
 RUNNING = {}  # Popen -> run key: the runs in flight, for stop()
@@ -313,23 +281,6 @@ def stop(signum, frame):
     for proc in list(RUNNING):
         proc.send_signal(signal.SIGTERM)
     raise KeyboardInterrupt
-
-
-def curves(path):
-    """metrics.jsonl -> per-epoch means of the train loss and of z_std (the projection's spread, see training()),
-    and the online val kNN AUC (all empty for the baselines)."""
-    loss, z_std, knn = {}, {}, {}
-    for row in runs.read_jsonl(path):
-        if "train/loss" in row:
-            loss.setdefault(row["epoch"] + 1, []).append(row["train/loss"])
-        if "train/z_std" in row:
-            z_std.setdefault(row["epoch"] + 1, []).append(row["train/z_std"])
-        if "val/knn_auc" in row:
-            knn[row["epoch"] + 1] = row["val/knn_auc"]
-    mean = lambda v: sum(v) / len(v) if v else None
-    return {"epoch": sorted(loss), "loss": [mean(loss[e]) for e in sorted(loss)],
-            "z_std": [mean(z_std.get(e)) for e in sorted(loss)],
-            "knn_epoch": sorted(knn), "knn_auc": [knn[e] for e in sorted(knn)]}
 
 
 def plan(cli, cfg, specs, n_parts):

@@ -8,9 +8,12 @@ import glob
 import json
 import os
 import platform
+import re
 import signal
+import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -297,3 +300,68 @@ def save_backbone(path, backbone, method, args, ds, mean, std):
             "std": [float(s) for s in std], "method": method, "data": args.data, "data_id": ds["id"],
             "commit": _commit()}
     atomic_write(path, lambda tmp: torch.save(info, tmp))
+
+
+# ------------------------------------------------------------------------------------------------ a run as a child
+def die_with_parent():
+    """In the child, before it runs: ask Linux to send it SIGTERM when this thread of the parent (reproduce.py, recipes.py) ends, even by
+    SIGKILL (prctl PR_SET_PDEATHSIG), so no orphan keeps training; the child then stops as on Ctrl-C, keeping its
+    last checkpoint. Elsewhere (no prctl): nothing."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+TQDM_FRAME = re.compile(r"\S+:\s+\d+%\|[^\]]*\]")  # "vicreg:   5%|▌   | 9/180 [02:34<48:55, ...]": a progress frame
+
+
+def last_message(log, rc):
+    """The last thing a failed run's log says that is not a progress-bar frame: the method's own message (e.g.
+    "vicreg: loss is nan at ...; Try a lower --lr."), which tqdm's frames, written around it with \\r and no newline,
+    would otherwise hide."""
+    lines = [TQDM_FRAME.sub("", ln).strip() for ln in re.split(r"[\r\n]", log)]
+    lines = [ln for ln in lines if ln]
+    return lines[-1] if lines else f"exit code {rc}"
+
+
+def failure_reason(folder, rc):
+    """Why the run in folder failed: the last message of its log.txt (last_message), else its exit code."""
+    try:
+        with open(os.path.join(folder, "log.txt"), errors="replace") as f:
+            return last_message(f.read(), rc)
+    except OSError:
+        return f"exit code {rc}"
+
+
+def run_child(cmd, folder, running=None, key=None):
+    """Run cmd (a method file, evaluate.py) with its output appended to folder/log.txt, stopped with SIGTERM if this
+    process dies first (die_with_parent). running: a dict the Popen sits in, under key, while it runs, for a signal
+    handler to stop it. Returns (exit code, wall seconds)."""
+    t0 = time.time()
+    with open(os.path.join(folder, "log.txt"), "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        if running is not None:
+            running[proc] = key
+        rc = proc.wait()
+        if running is not None:
+            del running[proc]
+    return rc, time.time() - t0
+
+
+def curves(path):
+    """metrics.jsonl -> per-epoch means of the train loss and of z_std (the projection's spread, see training()),
+    and the online val kNN AUC (all empty for the baselines)."""
+    loss, z_std, knn = {}, {}, {}
+    for row in read_jsonl(path):
+        if "train/loss" in row:
+            loss.setdefault(row["epoch"] + 1, []).append(row["train/loss"])
+        if "train/z_std" in row:
+            z_std.setdefault(row["epoch"] + 1, []).append(row["train/z_std"])
+        if "val/knn_auc" in row:
+            knn[row["epoch"] + 1] = row["val/knn_auc"]
+    mean = lambda v: sum(v) / len(v) if v else None
+    return {"epoch": sorted(loss), "loss": [mean(loss[e]) for e in sorted(loss)],
+            "z_std": [mean(z_std.get(e)) for e in sorted(loss)],
+            "knn_epoch": sorted(knn), "knn_auc": [knn[e] for e in sorted(knn)]}

@@ -1,5 +1,5 @@
 """DICOM folders: files written here with pydicom (MONOCHROME1/2, rescale slope/intercept, a window, 8- and 16-bit,
-RGB, an extension-less file with the preamble), read by dataset.read_dicom and through a folder, against 8-bit
+RGB, an extension-less file with the preamble), read by dicom.read_dicom and through a folder, against 8-bit
 arrays computed in the test from the DICOM standard's formulas; bad files and a missing pydicom give one line."""
 import sys
 
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import dataset
+import dicom
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
@@ -56,20 +57,20 @@ def minmax8(x):
 
 def test_monochrome2_16_bit_without_window_is_its_own_min_max(tmp_path):
     write_dicom(tmp_path / "a.dcm", A16)
-    assert np.array_equal(dataset.read_dicom(str(tmp_path / "a.dcm")), minmax8(A16.astype(np.float64)))
+    assert np.array_equal(dicom.read_dicom(str(tmp_path / "a.dcm")), minmax8(A16.astype(np.float64)))
 
 
 def test_rescale_then_window_then_monochrome1_inverted(tmp_path):
     write_dicom(tmp_path / "w.dcm", A16, RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=1500, WindowWidth=3000)
     hu = A16.astype(np.float64) * 2 - 1024  # modality values
     expected = window8(hu, 1500.0, 3000.0)
-    assert np.array_equal(dataset.read_dicom(str(tmp_path / "w.dcm")), expected)
+    assert np.array_equal(dicom.read_dicom(str(tmp_path / "w.dcm")), expected)
     write_dicom(tmp_path / "m1.dcm", A16, "MONOCHROME1", RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=1500,
                 WindowWidth=3000)
-    assert np.array_equal(dataset.read_dicom(str(tmp_path / "m1.dcm")), 255 - expected)
+    assert np.array_equal(dicom.read_dicom(str(tmp_path / "m1.dcm")), 255 - expected)
     # a narrow window clips: values below it black, above it white
     write_dicom(tmp_path / "n.dcm", A16, WindowCenter=[2000, 100], WindowWidth=[400, 50])  # the first window
-    out = dataset.read_dicom(str(tmp_path / "n.dcm"))
+    out = dicom.read_dicom(str(tmp_path / "n.dcm"))
     assert np.array_equal(out, window8(A16.astype(np.float64), 2000.0, 400.0))
     assert (out[A16 < 1700] == 0).all() and (out[A16 > 2300] == 255).all()
 
@@ -77,10 +78,10 @@ def test_rescale_then_window_then_monochrome1_inverted(tmp_path):
 def test_8_bit_and_rgb(tmp_path):
     a8 = rng.integers(10, 200, (9, 7)).astype(np.uint8)
     write_dicom(tmp_path / "g.dcm", a8)
-    assert np.array_equal(dataset.read_dicom(str(tmp_path / "g.dcm")), minmax8(a8.astype(np.float64)))
+    assert np.array_equal(dicom.read_dicom(str(tmp_path / "g.dcm")), minmax8(a8.astype(np.float64)))
     rgb = rng.integers(0, 256, (9, 7, 3)).astype(np.uint8)
     write_dicom(tmp_path / "c.dcm", rgb, "RGB")
-    assert np.array_equal(dataset.read_dicom(str(tmp_path / "c.dcm")), rgb)  # colour kept as stored
+    assert np.array_equal(dicom.read_dicom(str(tmp_path / "c.dcm")), rgb)  # colour kept as stored
 
 
 def test_a_folder_of_dicom_files_with_and_without_extension(tmp_path):
@@ -107,21 +108,21 @@ def test_a_folder_of_dicom_files_with_and_without_extension(tmp_path):
 def test_bad_dicom_files_give_one_line_naming_the_file(tmp_path, monkeypatch):
     (tmp_path / "bad.dcm").write_bytes(b"this is not a DICOM file at all" * 10)
     with pytest.raises(ValueError, match=r"bad\.dcm: unreadable DICOM file"):
-        dataset.read_dicom(str(tmp_path / "bad.dcm"))
+        dicom.read_dicom(str(tmp_path / "bad.dcm"))
     write_dicom(tmp_path / "cut.dcm", A16)
     data = (tmp_path / "cut.dcm").read_bytes()
     (tmp_path / "cut.dcm").write_bytes(data[:len(data) - 100])  # a copy that stopped early
     with pytest.raises(ValueError, match=r"cut\.dcm: (truncated or corrupt pixel data|unreadable DICOM file)"):
-        dataset.read_dicom(str(tmp_path / "cut.dcm"))
+        dicom.read_dicom(str(tmp_path / "cut.dcm"))
     write_dicom(tmp_path / "cine.dcm", A16, frames=3)
     with pytest.raises(ValueError, match=r"cine\.dcm: multi-frame DICOM \(3 frames\)"):
-        dataset.read_dicom(str(tmp_path / "cine.dcm"))
+        dicom.read_dicom(str(tmp_path / "cine.dcm"))
     write_dicom(tmp_path / "nopix.dcm", A16)
     d = pydicom.dcmread(tmp_path / "nopix.dcm")
     del d.PixelData
     d.save_as(tmp_path / "nopix.dcm", enforce_file_format=True)
     with pytest.raises(ValueError, match=r"nopix\.dcm: DICOM file without pixel data"):
-        dataset.read_dicom(str(tmp_path / "nopix.dcm"))
+        dicom.read_dicom(str(tmp_path / "nopix.dcm"))
     # compressed pixel data that no installed plugin decodes: one line naming the syntax and the decoders to install
     write_dicom(tmp_path / "jpeg.dcm", A16.astype(np.uint8))
     d = pydicom.dcmread(tmp_path / "jpeg.dcm")
@@ -130,12 +131,12 @@ def test_bad_dicom_files_give_one_line_naming_the_file(tmp_path, monkeypatch):
     d["PixelData"].VR = "OB"
     d.save_as(tmp_path / "jpeg.dcm", enforce_file_format=True)
     with pytest.raises(ValueError, match=r"jpeg\.dcm: cannot decode its JPEG Baseline .*pip install pylibjpeg") as e:
-        dataset.read_dicom(str(tmp_path / "jpeg.dcm"))
+        dicom.read_dicom(str(tmp_path / "jpeg.dcm"))
     assert "\n" not in str(e.value)
     write_dicom(tmp_path / "ok.dcm", A16)
     monkeypatch.setitem(sys.modules, "pydicom", None)  # as if it were not installed
     with pytest.raises(ValueError, match=r"ok\.dcm: a DICOM file, and pydicom is not installed: pip install pydicom"):
-        dataset.read_dicom(str(tmp_path / "ok.dcm"))
+        dicom.read_dicom(str(tmp_path / "ok.dcm"))
     # and through a folder: the same line, naming the first DICOM file it met (PNGs alone would still load)
     for c in ("a", "b"):
         (tmp_path / "dcmdir" / c).mkdir(parents=True)

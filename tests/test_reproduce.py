@@ -11,6 +11,7 @@ import pytest
 
 import report
 import reproduce
+import runs
 from conftest import ROOT, make_arrays
 
 
@@ -19,7 +20,7 @@ def test_curves_per_epoch_means(tmp_path):
     rows = [{"epoch": 0, "train/loss": 4.0, "train/z_std": 0.5}, {"epoch": 0, "train/loss": 2.0, "train/z_std": 0.25},
             {"epoch": 0, "val/knn_auc": 0.7}, {"epoch": 1, "train/loss": 1.0}]  # epoch 2 without z_std (older log)
     log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 1, "train/lo')  # a last line cut by a kill
-    c = reproduce.curves(str(log))
+    c = runs.curves(str(log))
     assert c == {"epoch": [1, 2], "loss": [3.0, 1.0], "z_std": [0.375, None], "knn_epoch": [1], "knn_auc": [0.7]}
 
 
@@ -37,10 +38,10 @@ def test_failure_reason_is_the_message_not_the_progress_bar():
     log.write(msg + "\n")  # SystemExit's message, on the line of the last frame
     bar.close()  # interpreter exit closes the bar: one more frame after the message
     assert "\r" in log.getvalue() and log.getvalue().rstrip().splitlines()[-1] != msg  # what hid it
-    assert reproduce.failure_reason(log.getvalue(), 1) == msg
-    assert reproduce.failure_reason("Traceback (most recent call last):\nValueError: bad --lr\n", 1) == \
+    assert runs.last_message(log.getvalue(), 1) == msg
+    assert runs.last_message("Traceback (most recent call last):\nValueError: bad --lr\n", 1) == \
         "ValueError: bad --lr"
-    assert reproduce.failure_reason("", 3) == reproduce.failure_reason("\r\n", 3) == "exit code 3"
+    assert runs.last_message("", 3) == runs.last_message("\r\n", 3) == "exit code 3"
 
 
 def run_keys(stdout, tag):
