@@ -83,7 +83,7 @@ def check_args(args, rules=RULES):
     errors = [f"--{k.replace('_', '-')} {v!r}: expected {rules[k][1]}" for k, v in vars(args).items()
               if k in rules and not rules[k][0](v)]
     out = getattr(args, "out", "")
-    if out and os.path.exists(out) and not os.path.isdir(out):
+    if hasattr(args, "resume") and out and os.path.exists(out) and not os.path.isdir(out):  # a run folder's --out
         errors.append(f"--out {out!r}: is a file, expected a run folder")
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         errors.append("--resume and --overwrite: pick one (continue the run in --out, or replace it)")

@@ -10,8 +10,8 @@ As a script:
 Add --finetune-epochs N for the end-to-end protocol.
 Each prints a table and writes JSON (eval.json beside the checkpoint; else runs/<init>-<data>-<size>-s<seed>/results.json).
 """
-import argparse
 import copy
+import dataclasses
 import os
 
 import torch
@@ -338,30 +338,38 @@ def print_table(rows):
             print(f"{name:28s} {proto:12s} " + " ".join(f"{res[proto][c]:12.4f}" for c in cols))
 
 
+@dataclasses.dataclass
+class Args:
+    checkpoint: str = ""  # a method's checkpoint.pt (its args say data, size, arch)
+    backbone: str = ""  # a run's backbone.pt (what hubconf.py loads; it says data, size, arch)
+    init: str = "random"  # with neither: the untrained backbone (random) or torchvision's ImageNet weights (imagenet)
+    # given here, else the checkpoint's, else the default in brackets
+    data: str = ""  # MedMNIST flag, folder or .npz (pneumonia)
+    size: int = 0  # image side in pixels (28)
+    data_dir: str = ""  # where the data lives ($MEDSSL_DATA_DIR or ./data)
+    arch: str = ""  # resnet18 or resnet50 (resnet18)
+    seed: int = -1  # seeds the label fractions, the fine-tune and the bootstrap (0)
+    train_subset: int = -1  # use a random N-image subset of the train split (0 = all)
+    # the baselines and the protocols
+    weights: str = ""  # --init imagenet: a torchvision weights file (default: the torch hub cache, downloaded there)
+    imagenet_size: int = 224  # --init imagenet: the side images are resized to (the weights' training resolution)
+    batch_size: int = 256  # the study's batch size, kept in its command line for one configuration (nothing trains)
+    finetune_epochs: int = 0  # also fine-tune end to end for N epochs (0: skip)
+    out: str = ""  # the JSON file (default: eval.json beside the checkpoint, or runs/<init>-<data>-<size>-s<seed>/)
+
+
+# what evaluate's fields may hold (empty, 0 or -1: "the checkpoint's, else the default"), beside common.RULES
+RULES = {"init": common.one_of("random", "supervised", "imagenet"), "data": common.ANY,
+         "size": (lambda v: v == 0 or 8 <= v <= 1024, "0 (the checkpoint's) or 8..1024 pixels"),
+         "arch": (lambda v: v in ("", "resnet18", "resnet50"), "resnet18 or resnet50 (empty: the checkpoint's)"),
+         "seed": (lambda v: -1 <= v < 2 ** 63, ">= -1"),
+         "train_subset": (lambda v: v >= -1, ">= -1 (-1: the checkpoint's, 0: the whole train split)"),
+         "imagenet_size": common.COUNT, "batch_size": common.COUNT, "finetune_epochs": (lambda v: v >= 0, ">= 0"),
+         **{k: common.ANY for k in ("checkpoint", "backbone", "weights", "data_dir", "out")}}
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="a method's checkpoint.pt (its args say data, size, arch)")
-    ap.add_argument("--backbone", help="a run's backbone.pt (what hubconf.py loads; it says data, size, arch)")
-    # data, size, data dir, arch, seed, subset: an explicit flag wins; else the checkpoint's value; else the default
-    ap.add_argument("--data", help="MedMNIST flag, folder or .npz (default: the checkpoint's, else pneumonia)")
-    ap.add_argument("--size", type=int, help="image side (default: the checkpoint's, else 28)")
-    ap.add_argument("--data-dir", help="where the data lives (default: the checkpoint's, else $MEDSSL_DATA_DIR)")
-    ap.add_argument("--arch", help="resnet18 or resnet50 (default: the checkpoint's, else resnet18)")
-    ap.add_argument("--init", default="random", choices=["random", "supervised", "imagenet"],
-                    help="baseline when no --checkpoint is given: untrained, or torchvision's ImageNet weights (see "
-                         "--weights); the supervised baseline trains: python supervised.py")
-    ap.add_argument("--weights", default=None, help="--init imagenet: a torchvision weights file (default: the torch "
-                                                     "hub cache, downloaded there when a network exists)")
-    ap.add_argument("--imagenet-size", type=int, default=224, help="--init imagenet: input side the images are "
-                                                                   "resized to (the weights' training resolution)")
-    ap.add_argument("--batch-size", type=int, default=256, help="the study's batch size, kept in its command line "
-                                                                "for a uniform configuration (nothing here trains)")
-    ap.add_argument("--train-subset", type=int, help="use a random N-image subset of the train split (default: the "
-                                                      "checkpoint's, else 0 = all)")
-    ap.add_argument("--seed", type=int, help="(default: the checkpoint's, else 0)")
-    ap.add_argument("--out", default="", help="JSON path (default: beside the checkpoint, or runs/<init>-...)")
-    ap.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune end to end for N epochs (0: skip)")
-    cli = ap.parse_args(argv)
+    cli = common.parse_args(Args, argv)
     if cli.init == "supervised" and not (cli.checkpoint or cli.backbone):
         raise SystemExit("evaluate.py --init supervised: the supervised baseline is a training script now: python "
                          "supervised.py --data ... (same options as the methods; it evaluates itself)")
@@ -378,14 +386,16 @@ def main(argv=None):
         cli.checkpoint = cli.backbone
     else:
         ckpt = runs.load_checkpoint(cli.checkpoint) if cli.checkpoint else {"args": {}}
-    defaults = dict(data="pneumonia", size=28, data_dir="", arch="resnet18", seed=0, train_subset=0)
-    pick = {k: ckpt["args"].get(k, v) if getattr(cli, k) is None else getattr(cli, k) for k, v in defaults.items()}
-    data, size, arch, seed, data_dir, subset = (pick[k] for k in ("data", "size", "arch", "seed", "data_dir", "train_subset"))
+    # given here, else the checkpoint's, else the default: field -> (its value when not given, the default)
+    fallback = {"data": ("", "pneumonia"), "size": (0, 28), "arch": ("", "resnet18"), "seed": (-1, 0),
+                "data_dir": ("", ""), "train_subset": (-1, 0)}
+    data, size, arch, seed, data_dir, subset = (getattr(cli, k) if getattr(cli, k) != unset else
+                                                ckpt["args"].get(k, default) for k, (unset, default) in fallback.items())
     method = ckpt.get("method", "ssl") if cli.checkpoint else cli.init
     if cli.checkpoint and arch != ckpt["args"].get("arch", arch):
         raise SystemExit(f"--arch {arch}: {cli.checkpoint} holds a {ckpt['args']['arch']} backbone")
     try:  # fail before loading any data, with the message alone (it says how to get the weights)
-        weights = imagenet_weights(arch, cli.weights) if method == "imagenet" else None
+        weights = imagenet_weights(arch, cli.weights or None) if method == "imagenet" else None
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"evaluate.py --init imagenet: {e}") from e
     ds = dataset.load(data, size, data_dir, seed, device, subset=subset)
@@ -399,7 +409,6 @@ def main(argv=None):
             raise SystemExit(f"--backbone {cli.backbone}: takes {exported.conv1.in_channels}-channel images, "
                              f"{data} has {ds['channels']}")
         backbone = exported
-        out = cli.out or os.path.join(os.path.dirname(cli.checkpoint), "eval.json")
     elif cli.checkpoint:
         prefix = "backbone."
         try:
@@ -407,9 +416,8 @@ def main(argv=None):
         except (RuntimeError, AttributeError) as e:  # missing or extra keys, other shapes, a model that is no dict
             raise SystemExit(f"evaluate.py --checkpoint {cli.checkpoint}: its backbone does not fit a {arch} for "
                              f"{ds['channels']}-channel {size} px images: {str(e).splitlines()[0][:300]}") from None
-        out = cli.out or os.path.join(os.path.dirname(cli.checkpoint), "eval.json")
-    else:
-        out = cli.out or os.path.join("runs", f"{cli.init}-{ds['name']}-{size}-s{seed}", "results.json")
+    out = cli.out or (os.path.join(os.path.dirname(cli.checkpoint), "eval.json") if cli.checkpoint else
+                      os.path.join("runs", f"{cli.init}-{ds['name']}-{size}-s{seed}", "results.json"))
     if os.path.isdir(out):  # checked before the evaluation runs, not after it
         raise SystemExit(f"evaluate.py --out {out}: is a folder, expected the path of a JSON file")
     try:

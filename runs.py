@@ -304,9 +304,9 @@ def save_backbone(path, backbone, method, args, ds, mean, std):
 
 # ------------------------------------------------------------------------------------------------ a run as a child
 def die_with_parent():
-    """In the child, before it runs: ask Linux to send it SIGTERM when this thread of the parent (reproduce.py, recipes.py) ends, even by
-    SIGKILL (prctl PR_SET_PDEATHSIG), so no orphan keeps training; the child then stops as on Ctrl-C, keeping its
-    last checkpoint. Elsewhere (no prctl): nothing."""
+    """In the child, before it runs: ask Linux to send it SIGTERM when the parent's thread that started it
+    (reproduce.py, recipes.py) ends, even by SIGKILL (prctl PR_SET_PDEATHSIG), so no orphan keeps training; the
+    child then stops as on Ctrl-C, keeping its last checkpoint. Elsewhere (no prctl): nothing."""
     try:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG

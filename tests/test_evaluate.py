@@ -257,3 +257,16 @@ def test_bootstrap_interval_matches_the_hanley_mcneil_standard_error():
     se = math.sqrt((auc * (1 - auc) + (n1 - 1) * (q1 - auc ** 2) + (n0 - 1) * (q2 - auc ** 2)) / (n1 * n0))
     assert lo < auc < hi
     assert (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.2)
+
+
+def test_evaluate_args_are_checked_and_fall_back_to_the_checkpoint(capsys):
+    """evaluate.py's Args: each bad field one line (planted: common.RULES' size rule, which refuses the 0 that means
+    "the checkpoint's"); the empty / 0 / -1 defaults parse as "not given"."""
+    import common
+    assert common.parse_args(evaluate.Args, []) == evaluate.Args()
+    for argv, says in ((["--size", "5"], "--size 5: expected 0 (the checkpoint's) or 8..1024 pixels"),
+                       (["--init", "moco"], "--init 'moco': expected random, supervised or imagenet"),
+                       (["--arch", "vgg"], "--arch 'vgg': expected resnet18 or resnet50")):
+        with pytest.raises(SystemExit) as e:
+            common.parse_args(evaluate.Args, argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err
