@@ -1,6 +1,10 @@
 """Shared fixtures: the repo root on sys.path and small synthetic MedMNIST-format data in temporary folders."""
+import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -36,3 +40,19 @@ def real_data_dir():
     if not os.path.exists(os.path.join(d, "pneumoniamnist", "pneumoniamnist.npz")):
         pytest.skip(f"real data not found under {d} (set MEDSSL_DATA_DIR to ../shared/data)")
     return d
+
+
+def kill_during_epoch(cmd, out, epoch, env):
+    """Start cmd, SIGKILL it once out/metrics.jsonl has a row of 0-based `epoch` (it is training that epoch)."""
+    def epochs(log):  # the epochs of its rows; a row still being written is skipped
+        for line in log.read_text().splitlines() if log.exists() else []:
+            try:
+                yield json.loads(line).get("epoch")
+            except json.JSONDecodeError:
+                pass
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and epoch not in epochs(out / "metrics.jsonl"):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()

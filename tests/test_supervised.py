@@ -3,10 +3,8 @@ its backbone, reports the test metrics of the best-val epoch (scripted val score
 resumes a killed run to the uninterrupted one (weights, best epoch, results), and refuses what it cannot resume."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import torch
 import evaluate
 import runs
 import supervised
-from conftest import ROOT, make_arrays
+from conftest import ROOT, kill_during_epoch, make_arrays
 
 
 @pytest.fixture
@@ -75,16 +73,7 @@ def test_kill_and_resume_matches_uninterrupted(data_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="2")
     full, part = tmp_path / "full", tmp_path / "part"
     subprocess.run(command(data_dir, full), check=True, capture_output=True, cwd=ROOT, env=env, timeout=600)
-    p = subprocess.Popen(command(data_dir, part), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=env)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # killed (SIGKILL) while it trains epoch 2
-        log = part / "metrics.jsonl"
-        if log.exists() and any(json.loads(line).get("epoch") == 1 for line in log.read_text().splitlines() if line):
-            break
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_during_epoch(command(data_dir, part), part, 1, env)  # SIGKILL while it trains epoch 2
     assert torch.load(part / "checkpoint.pt", weights_only=True)["epoch"] == 1
     r = subprocess.run(command(data_dir, part, "--resume"), capture_output=True, text=True, cwd=ROOT, env=env,
                        timeout=600)

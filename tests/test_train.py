@@ -1,16 +1,14 @@
 """The method scripts end to end as subprocesses on tiny synthetic data: outputs, resume, NaN guard, evaluate.py."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_arrays
+from conftest import ROOT, kill_during_epoch, make_arrays
 
 TINY = ["--data", "pneumonia", "--batch-size", "16", "--epochs", "2", "--eval-every", "1"]
 SMALL_HEADS = {"simclr.py": ["--proj-hidden", "64"], "byol.py": ["--proj-hidden", "64", "--proj-dim", "32"],
@@ -68,16 +66,7 @@ def test_kill_and_resume_matches_uninterrupted(script, tiny_dir, tmp_path):
     # the same run, killed (SIGKILL) while it trains epoch 2, then resumed
     part = tmp_path / "part"
     cmd = command(script, tiny_dir, part, *extra)
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=dict(os.environ, OMP_NUM_THREADS="2"))
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        log = part / "metrics.jsonl"
-        if log.exists() and any(json.loads(line).get("epoch") == 1 for line in log.read_text().splitlines() if line):
-            break
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_during_epoch(cmd, part, 1, dict(os.environ, OMP_NUM_THREADS="2"))
     assert torch.load(part / "checkpoint.pt", weights_only=True)["epoch"] == 1  # killed mid-epoch 2
     run(script, tiny_dir, part, *extra, "--resume")
     a = torch.load(full / "checkpoint.pt", weights_only=True)
