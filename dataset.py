@@ -3,15 +3,17 @@ their layout, or a folder in the paper's layouts (decoded once, then cached). Ev
 as uint8 tensors on the training device: a batch is an index slice.
 """
 import concurrent.futures
+import glob
 import hashlib
 import os
+import time
 import urllib.request
 import warnings
 import zipfile
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 import common
 import dicom
@@ -167,6 +169,7 @@ def load_npz(path):
 
 
 # ------------------------------------------------------------------------------------------------ image folders
+FOLDER_READER = 2  # in the folder cache's key: bumped when decoding changes (2: EXIF orientation applied)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
 
 
@@ -221,14 +224,21 @@ def load_folder(root, size, data_dir, seed=0):
     has_splits = os.path.isdir(os.path.join(root, "train"))
     per_split = {s: _list_class_folder(os.path.join(root, s)) for s in SPLITS
                  if os.path.isdir(os.path.join(root, s))} if has_splits else {"train": _list_class_folder(root)}
-    key = hashlib.sha1(f"{root}|{size}|{seed}".encode())
+    key = hashlib.sha1(f"{root}|{size}|{seed}|{FOLDER_READER}".encode())
     for files in per_split.values():
         for f in (f for fs in files.values() for f in fs):
             st = os.stat(f)
             key.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     cache = os.path.join(data_dir, f"{os.path.basename(root)}_{size}_s{seed}_{key.hexdigest()[:12]}.npz")
+    for tmp in glob.glob(glob.escape(cache) + ".*.tmp"):  # a cache write killed midway (a live one takes seconds)
+        if time.time() - os.path.getmtime(tmp) > 600:
+            os.remove(tmp)
     if os.path.exists(cache):
-        return load_npz(cache), cache
+        try:
+            return load_npz(cache), cache
+        except ValueError as e:  # truncated or corrupt: decode the folder again, as if there were no cache
+            warnings.warn(f"{e}; decoding {root} again", stacklevel=2)
+            os.remove(cache)
     classes = sorted(set().union(*per_split.values()))
     if has_splits and set(classes) - set(per_split.get("train", {})):  # labels are the train classes' indices
         raise ValueError(f"{root}: class folder(s) {', '.join(sorted(set(classes) - set(per_split['train'])))} "
@@ -238,8 +248,8 @@ def load_folder(root, size, data_dir, seed=0):
         if dicom.is_dicom(f):  # read_dicom's errors already name the file
             return np.asarray(Image.fromarray(dicom.read_dicom(f)).convert("RGB").resize((size, size), Image.BILINEAR))
         try:
-            with Image.open(f) as im:
-                return np.asarray(_to_rgb8(im).resize((size, size), Image.BILINEAR))
+            with Image.open(f) as im:  # as a viewer shows it: a camera's EXIF orientation applied
+                return np.asarray(_to_rgb8(ImageOps.exif_transpose(im)).resize((size, size), Image.BILINEAR))
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"{f}: unreadable image file ({type(e).__name__}: {e})") from e
     imgs, labels = {}, {}

@@ -433,6 +433,41 @@ def test_folder_cache_is_keyed_by_path_and_content(tmp_path):
     assert back["n_classes"] == 2 and sum(len(back[s][1]) for s in dataset.SPLITS) == 30
 
 
+def test_a_broken_folder_cache_is_decoded_again_and_stale_temps_go(tmp_path):
+    """A cache file cut short (a full disk, a copy interrupted) is decoded again with a warning, not an error
+    (planted: the old 'not a readable npz' error); a cache temp file left by a write killed midway is removed once
+    it is ten minutes old, a fresh one (another process writing now) is kept."""
+    _png_folder(tmp_path / "ds", ["a", "b"], 6)
+    first = dataset.load(str(tmp_path / "ds"), 16, str(tmp_path / "c"))
+    (cache,) = (tmp_path / "c").glob("ds_16_*.npz")
+    cache.write_bytes(cache.read_bytes()[:200])
+    stale, fresh = (tmp_path / "c" / f"{cache.name}.{x}.tmp" for x in ("k1ll3d", "wr1t1ng"))
+    for t in (stale, fresh):
+        t.write_bytes(b"half an npz")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    with pytest.warns(UserWarning, match="not a readable npz file.*decoding .*ds again"):
+        again = dataset.load(str(tmp_path / "ds"), 16, str(tmp_path / "c"))
+    assert all(torch.equal(first[s][0], again[s][0]) for s in dataset.SPLITS)
+    assert dataset.load_npz(str(cache))  # rebuilt whole
+    assert not stale.exists() and fresh.exists()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A camera JPEG stored landscape with EXIF orientation 6 (rotate 90 degrees clockwise to view) loads as it
+    is viewed: the stored top half (white) on the right (planted: exif_transpose dropped -> white on top)."""
+    stored = np.zeros((16, 16), dtype=np.uint8)
+    stored[:8] = 255  # top half white, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the 0th row is the visual right-hand side
+    for c in ("a", "b"):
+        (tmp_path / "ds" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(stored).save(tmp_path / "ds" / c / f"{i}.jpg", exif=exif, quality=95)
+    ds = dataset.load(str(tmp_path / "ds"), 16, str(tmp_path / "c"))
+    x = ds["train"][0][0, 0].float()
+    assert x[:, 8:].mean() > 200 and x[:, :8].mean() < 50  # white right, black left
+
+
 def test_folder_decoding_shows_progress(tmp_path, capsys):
     _png_folder(tmp_path / "ds", ["a", "b"], 5)
     dataset.load(str(tmp_path / "ds"), 16, str(tmp_path / "c"))
