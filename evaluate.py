@@ -416,6 +416,10 @@ def main(argv=None):
         except (RuntimeError, AttributeError) as e:  # missing or extra keys, other shapes, a model that is no dict
             raise SystemExit(f"evaluate.py --checkpoint {cli.checkpoint}: its backbone does not fit a {arch} for "
                              f"{ds['channels']}-channel {size} px images: {str(e).splitlines()[0][:300]}") from None
+    broken = [k for k, v in backbone.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # a run saved after its weights blew up: the probe's L-BFGS would fail on NaN features
+        raise SystemExit(f"evaluate.py --checkpoint {cli.checkpoint}: non-finite backbone weights in {broken[0]}"
+                         f"{f' and {len(broken) - 1} more tensors' if len(broken) > 1 else ''}; nothing to evaluate")
     out = cli.out or (os.path.join(os.path.dirname(cli.checkpoint), "eval.json") if cli.checkpoint else
                       os.path.join("runs", f"{cli.init}-{ds['name']}-{size}-s{seed}", "results.json"))
     if os.path.isdir(out):  # checked before the evaluation runs, not after it

@@ -336,12 +336,15 @@ def test_a_data_dir_that_is_a_file_is_named(tmp_path):
 
 
 def test_evaluate_names_a_checkpoint_whose_backbone_does_not_fit(tiny_dir, tmp_path):
-    """A 5x5 conv1, a missing key: one line naming the checkpoint, not load_state_dict's traceback."""
+    """A 5x5 conv1, a missing key: one line naming the checkpoint, not load_state_dict's traceback; all-NaN weights:
+    one line naming the checkpoint and a tensor, not L-BFGS's overflow after feature extraction."""
     out = tmp_path / "run"
     run("simclr.py", tiny_dir, out, "--epochs", "1")
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     for name, edit in (("conv5", lambda m: m.update({"backbone.conv1.weight": torch.zeros(64, 1, 5, 5)})),
-                       ("nokey", lambda m: m.pop("backbone.layer1.0.bn1.weight"))):
+                       ("nokey", lambda m: m.pop("backbone.layer1.0.bn1.weight")),
+                       ("nan", lambda m: m.update({k: torch.full_like(v, float("nan")) for k, v in m.items()
+                                                   if v.is_floating_point()}))):
         bad = {**ckpt, "model": dict(ckpt["model"])}
         edit(bad["model"])
         torch.save(bad, tmp_path / f"{name}.pt")
@@ -349,7 +352,9 @@ def test_evaluate_names_a_checkpoint_whose_backbone_does_not_fit(tiny_dir, tmp_p
                             str(tmp_path / f"{name}.pt"), "--data-dir", str(tiny_dir), "--out",
                             str(tmp_path / f"{name}.json")], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
-        assert f"evaluate.py --checkpoint {tmp_path / name}.pt: its backbone does not fit a resnet18" in r.stderr
+        says = "non-finite backbone weights in conv1.weight and" if name == "nan" else \
+            "its backbone does not fit a resnet18"
+        assert f"evaluate.py --checkpoint {tmp_path / name}.pt: {says}" in r.stderr
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
