@@ -151,6 +151,15 @@ def check_splits(arrays, source):
         if int(out[split][1].max()) >= n_classes:
             raise ValueError(f"{source}: {split}_labels has label {int(out[split][1].max())} out of range: "
                              f"train has labels 0..{n_classes - 1}")
+    names = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(k) for k in range(n_classes)]
+    for split in ("val", "test"):  # a tiny class can end up in train only (a folder's carving keeps it there)
+        absent = sorted(set(range(n_classes)) - set(out[split][1].unique().tolist()))
+        if absent:
+            counts = ", ".join(f"{names[k]!r} ({sum(int((out[s][1] == k).sum()) for s in SPLITS)} images in all)"
+                               for k in absent)
+            warnings.warn(f"{source}: no {split} image of class {counts}; " + (
+                f"a two-class AUC on {split} is undefined (nan): add images of it" if n_classes == 2 else
+                f"the {split} AUC averages the other classes only"), stacklevel=3)
     shapes = {tuple(out[s][0].shape[1:]) for s in SPLITS}
     if len(shapes) != 1:
         raise ValueError(f"{source}: splits have different image shapes {shapes}")
@@ -274,11 +283,11 @@ def load_folder(root, size, data_dir, seed=0):
     # keep 1 channel when every image is gray (R == G == B), as X-rays are; else RGB
     gray = all((x[..., 0] == x[..., 1]).all() and (x[..., 1] == x[..., 2]).all() for x in imgs.values())
     arrays = {f"{s}_images": imgs[s][..., 0] if gray else imgs[s] for s in SPLITS}
-    arrays.update({f"{s}_labels": labels[s] for s in SPLITS})
+    arrays.update({f"{s}_labels": labels[s] for s in SPLITS}, classes=np.asarray(classes))
 
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-            np.savez(f, classes=np.asarray(classes), **arrays)
+            np.savez(f, **arrays)
     try:
         runs.atomic_write(cache, write)
     except OSError as e:

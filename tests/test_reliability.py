@@ -535,3 +535,15 @@ def test_reproduce_refuses_epochs_zero_instead_of_using_the_presets(capsys):
     for flag in ("--epochs", "--batch-size", "--jobs"):
         with pytest.raises(SystemExit, match=f"{flag} 0: expected a positive number"):
             reproduce.main([flag, "0"])
+
+
+def test_a_class_missing_from_val_or_test_is_named_with_its_count(tmp_path):
+    """A class of a single image stays in train (the carving keeps one there): val and test have no image of it,
+    and a two-class AUC there is nan with accuracy 1.0. A warning names the class and its count (planted: silent)."""
+    _png_folder(tmp_path / "ds", ["common"], 20)
+    (tmp_path / "ds" / "rare").mkdir()
+    Image.fromarray(np.full((12, 12), 200, np.uint8)).save(tmp_path / "ds" / "rare" / "only.png")
+    with pytest.warns(UserWarning, match=r"no val image of class 'rare' \(1 images in all\); a two-class AUC on val "
+                                         r"is undefined") as w:
+        dataset.load(str(tmp_path / "ds"), 16, str(tmp_path / "c"))
+    assert any("no test image of class 'rare'" in str(x.message) for x in w)
