@@ -72,6 +72,7 @@ void check_params(const at::Tensor& params, int64_t H, int64_t W) {
     rule(LEFT, r[LEFT] >= 0 && r[LEFT] + r[WIDTH] <= W, "0 <= LEFT and LEFT + WIDTH <= image width");
     for (int col : {FLIP, JITTER, GRAY, BLUR, SOLARIZE}) rule(col, r[col] == 0.f || r[col] == 1.f, "0 or 1");
     rule(SIGMA, r[BLUR] == 0.f || r[SIGMA] > 0.f, "SIGMA > 0 where BLUR is 1");
+    for (int col : {BRIGHT, CONTRAST, SAT}) rule(col, r[col] >= 0.f, ">= 0 (a factor)");
   }
 }
 

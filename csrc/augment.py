@@ -24,8 +24,10 @@ The pipeline is crop+resize (bilinear, torchvision's half-pixel convention) -> f
 
 Valid params (check_params; the C++ op checks CPU params by the same rules): every value finite; TOP, LEFT,
 HEIGHT, WIDTH integers with the box inside the image (1 <= HEIGHT <= H, 0 <= TOP <= H - HEIGHT, the same for
-LEFT/WIDTH and W); FLIP, JITTER, GRAY, BLUR, SOLARIZE 0 or 1; SIGMA > 0 where BLUR is 1. Whatever params hold,
-neither kernel reads outside its image: they clamp the box where they form indices (augment.h, crop_box).
+LEFT/WIDTH and W); FLIP, JITTER, GRAY, BLUR, SOLARIZE 0 or 1; SIGMA > 0 where BLUR is 1; the factors BRIGHT,
+CONTRAST, SAT >= 0 (a negative one turns the view black or inverts it: torchvision refuses it too). Whatever
+params hold, neither kernel reads outside its image: they clamp the box where they form indices (augment.h,
+crop_box).
 """
 import os
 import warnings
@@ -81,7 +83,7 @@ def check_params(params, H, W):
         ok = (np.isfinite(q).all() and (q[..., :4] == np.floor(q[..., :4])).all() and (h >= 1).all()
               and (w >= 1).all() and (top >= 0).all() and (left >= 0).all() and (top + h <= H).all()
               and (left + w <= W).all() and ((flags == 0) | (flags == 1)).all()
-              and ((q[..., BLUR] == 0) | (q[..., SIGMA] > 0)).all())
+              and ((q[..., BLUR] == 0) | (q[..., SIGMA] > 0)).all() and (q[..., [BRIGHT, CONTRAST, SAT]] >= 0).all())
     if ok:  # the usual case; below, rule by rule only to name the first row and rule that broke
         return
     box = lambda col, lo, hi: (p[..., col] >= lo) & (p[..., col] <= hi)
@@ -94,6 +96,7 @@ def check_params(params, H, W):
               (LEFT, (p[..., LEFT] >= 0) & (p[..., LEFT] + p[..., WIDTH] <= W), "0 <= LEFT and LEFT + WIDTH <= image width")]
     rules += [(col, flag(col), "0 or 1") for col in (FLIP, JITTER, GRAY, BLUR, SOLARIZE)]
     rules += [(SIGMA, (p[..., BLUR] == 0) | (p[..., SIGMA] > 0), "SIGMA > 0 where BLUR is 1")]
+    rules += [(col, p[..., col] >= 0, ">= 0 (a factor)") for col in (BRIGHT, CONTRAST, SAT)]
     bad = torch.stack([~ok for _, ok, _ in rules])  # (rules, V, B)
     if bad.any():
         # report as the C++ op does: the first bad row (m = v * B + b), then the first rule it breaks

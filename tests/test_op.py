@@ -162,7 +162,8 @@ BAD_PARAMS = [("HEIGHT", float("inf"), {}), ("HEIGHT", 1e6, {}), ("HEIGHT", floa
               ("HEIGHT", 0, {}), ("WIDTH", 2.5, {}), ("WIDTH", 29, {}), ("TOP", 20, {}), ("TOP", -100000, {}),
               ("LEFT", -1, {"WIDTH": 10}), ("LEFT", 1e30, {}), ("FLIP", 0.5, {}), ("BLUR", 2, {}), ("GRAY", float("nan"), {}),
               ("SOLARIZE", -1, {}), ("SIGMA", 0, {"BLUR": 1}), ("SIGMA", float("nan"), {"BLUR": 1}),
-              ("BRIGHT", float("inf"), {"JITTER": 1})]
+              ("BRIGHT", float("inf"), {"JITTER": 1}), ("BRIGHT", -1, {"JITTER": 1}), ("CONTRAST", -0.5, {}),
+              ("SAT", -2, {})]
 SAFETY_SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
