@@ -376,3 +376,8 @@ def take_subset(ds, n, seed):
         raise ValueError(f"--train-subset {n}: expected 1..{len(x)} (the train split size)")
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
     ds["train"] = (x[idx.to(x.device)], y[idx.to(y.device)])
+    missing = sorted(set(range(ds["n_classes"])) - set(ds["train"][1].unique().tolist()))
+    if missing:  # known before training: the probes need every class (one image alone has no feature spread)
+        raise ValueError(f"--train-subset {n}: the seeded subset holds no train image of class(es) "
+                         f"{', '.join(map(str, missing))} of {ds['n_classes']}; the probes need every class: take "
+                         "a larger subset")

@@ -242,6 +242,23 @@ def test_train_subset_is_seeded(npz_dir):
         dataset.take_subset(a, 999, seed=5)
 
 
+def test_a_train_subset_without_every_class_is_refused_before_training(npz_dir):
+    """--train-subset 3 drew three images of one class (issue 32: L-BFGS overflowed after training, on the NaN
+    spread of a one-image probe): refused at load, naming the missing class; which subsets lack a class is
+    brute-forced here from the same seeded draw (planted: no check -> the load passes)."""
+    full = dataset.load("pneumonia", 28, str(npz_dir))
+    y = full["train"][1]
+    for n in range(1, 9):
+        drawn = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:n]]
+        lacks = sorted(set(range(2)) - set(drawn.tolist()))
+        if lacks:
+            with pytest.raises(ValueError, match=rf"--train-subset {n}: .* no train image of class\(es\) "
+                                                 rf"{lacks[0]}"):
+                dataset.load("pneumonia", 28, str(npz_dir), subset=n)
+        else:
+            assert len(dataset.load("pneumonia", 28, str(npz_dir), subset=n)["train"][1]) == n
+
+
 # ---------------------------------------------------------------------------------------------- real data
 def test_real_medmnist_files_load(real_data_dir):
     pn = dataset.load("pneumonia", 28, real_data_dir)
