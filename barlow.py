@@ -169,6 +169,8 @@ def main(args):
             knn = evaluate.knn_eval(backbone, ds, mean, std)
             runs.log_jsonl(log_path, {"epoch": epoch, "val/knn_acc": knn["acc"], "val/knn_auc": knn["auc"]})
             bar.write(f"epoch {epoch + 1}: val kNN acc {knn['acc']:.4f} auc {knn['auc']:.4f}")
+            if z_std < 0.1 / math.sqrt(z.shape[1]):  # the last step's z_std, under a tenth of "spread out": say so
+                bar.write(f"epoch {epoch + 1}: z_std {z_std:.4f} < 0.1/sqrt(D): the projections are collapsing")
         runs.save_state(ckpt_path, args, METHOD, ds["id"], epoch + 1, model, optimizer, scheduler, gen)
     bar.close()
 

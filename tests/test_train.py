@@ -1,4 +1,5 @@
 """The method scripts end to end as subprocesses on tiny synthetic data: outputs, resume, NaN guard, evaluate.py."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -123,3 +124,21 @@ def test_evaluate_script_checkpoint_and_random(tiny_dir, tmp_path):
     r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(bad)], capture_output=True, text=True,
                        cwd=ROOT, env=env, timeout=600)
     assert r.returncode != 0 and "bad.pt: not a readable medssl checkpoint" in r.stderr
+
+
+def test_a_collapsing_projection_is_said(tiny_dir, tmp_path, monkeypatch, capsys):
+    """z_std under a tenth of 1/sqrt(D) at a monitor epoch prints a line (issue 32: --lr 1e6 trained on silently
+    while z_std fell 0.05 -> 0.003); a healthy run prints none. Collapse planted: a projector whose output is one
+    point for every image (z_std 0)."""
+    import simclr
+
+    class OnePoint(simclr.Projector):
+        def forward(self, h):
+            return self.net(h) * 0 + 1  # every image at the same point, still differentiable
+    args = simclr.Args(data="pneumonia", data_dir=str(tiny_dir), batch_size=16, epochs=1, eval_every=1,
+                       proj_hidden=64, out=str(tmp_path / "healthy"))
+    simclr.main(args)
+    assert "projections are collapsing" not in capsys.readouterr().out
+    monkeypatch.setattr(simclr, "Projector", OnePoint)
+    simclr.main(dataclasses.replace(args, out=str(tmp_path / "collapsed")))
+    assert "epoch 1: z_std 0.0000 < 0.1/sqrt(D): the projections are collapsing" in capsys.readouterr().out
