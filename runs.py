@@ -141,8 +141,10 @@ def atomic_write(path, write):
         if not _write_failed_for_space(e):
             raise
         kept = f"the previous {name} is intact" if os.path.exists(path) else "nothing was written"
-        raise OSError(errno.ENOSPC, f"no space left on device (or over the file-size limit) while writing {path}; "
-                                    f"{kept} ({type(e).__name__}: {e})") from e
+        full = OSError(errno.ENOSPC, f"no space left on device (or over the file-size limit) while writing {path}; "
+                                     f"{kept}")
+        full.bad_data = True  # the user's to mend, not a bug: one line (dataset.one_line), not three tracebacks
+        raise full from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -370,6 +370,23 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
     assert path.read_bytes() == good and os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
+def test_full_disk_during_a_run_ends_it_with_one_line(tiny_dir, tmp_path):
+    """A method run whose checkpoint meets a full disk (the file-size limit here) ends with the one line the README
+    promises, naming the file (issue 32: the right message after three chained tracebacks)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))  # a checkpoint is ~45 MB
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "simclr.py"), "--data", "pneumonia", "--data-dir",
+                        str(tiny_dir), "--batch-size", "16", "--epochs", "1", "--proj-hidden", "64", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300, preexec_fn=limit,
+                       env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"simclr: no space left on device (or over the file-size limit) while writing {out / 'checkpoint.pt'}; " \
+           "nothing was written" in r.stderr
+
+
 def test_written_files_get_the_mode_open_would_give(tmp_path, monkeypatch):
     """mkstemp makes 0600 files; renamed into place they must get 0666 & ~umask, as open() would."""
     for umask, mode in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
