@@ -83,6 +83,9 @@ def check_args(args, rules=RULES):
     errors = [f"--{k.replace('_', '-')} {v!r}: expected {rules[k][1]}" for k, v in vars(args).items()
               if k in rules and not rules[k][0](v)]
     out = getattr(args, "out", "")
+    longest = max((len(part.encode()) for part in os.path.abspath(out).split(os.sep)), default=0) if out else 0
+    if longest > 255:  # every Linux and macOS file system's NAME_MAX: refused now, not after the training
+        errors.append(f"--out {out[:40]!r}...: a name in it is {longest} bytes long, over the file systems' 255")
     if hasattr(args, "resume") and out and os.path.exists(out) and not os.path.isdir(out):  # a run folder's --out
         errors.append(f"--out {out!r}: is a file, expected a run folder")
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):

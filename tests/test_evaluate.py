@@ -266,7 +266,8 @@ def test_evaluate_args_are_checked_and_fall_back_to_the_checkpoint(capsys):
     assert common.parse_args(evaluate.Args, []) == evaluate.Args()
     for argv, says in ((["--size", "5"], "--size 5: expected 0 (the checkpoint's) or 8..1024 pixels"),
                        (["--init", "moco"], "--init 'moco': expected random, supervised or imagenet"),
-                       (["--arch", "vgg"], "--arch 'vgg': expected resnet18 or resnet50")):
+                       (["--arch", "vgg"], "--arch 'vgg': expected resnet18 or resnet50"),
+                       (["--out", "x" * 300 + ".json"], "a name in it is 305 bytes long")):
         with pytest.raises(SystemExit) as e:
             common.parse_args(evaluate.Args, argv)
         assert e.value.code == 2 and says in capsys.readouterr().err

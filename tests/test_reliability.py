@@ -59,6 +59,7 @@ def test_every_args_field_has_a_rule_and_the_defaults_pass(method):
     (["--temperature", "-1"], "--temperature -1.0: expected > 0"),
     (["--temperature", "nan"], "--temperature nan: expected > 0"),
     (["--epochs", "-1"], "--epochs -1: expected >= 1"),
+    (["--out", "/tmp/" + "x" * 300], "a name in it is 300 bytes long, over the file systems' 255"),
     (["--epochs", "0"], "--epochs 0: expected >= 1"),
     (["--lr", "-1"], "--lr -1.0: expected > 0"),
     (["--batch-size", "1"], "--batch-size 1: expected >= 2"),
