@@ -316,8 +316,8 @@ def one_line(e):
     """The message of an error dataset.load marked bad_data (KeyError's str() would quote it); else None."""
     if not getattr(e, "bad_data", False):
         return None
-    if isinstance(e, OSError) and e.strerror:  # OSError(errno, message): the message without "[Errno 28]"
-        return e.strerror
+    if isinstance(e, OSError) and e.strerror:  # the file and the message, without "[Errno 40]"
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
 

@@ -312,7 +312,7 @@ def test_more_bad_sources_are_named(tmp_path):
 
 def test_appledouble_files_are_skipped_and_a_broken_link_is_named(tmp_path):
     """macOS copies leave ._name.png AppleDouble files (not images) beside each image: skipped like other dotfiles,
-    not the whole dataset refused; a broken symlink among the images: a one-line error naming it."""
+    not the whole dataset refused; a broken symlink or a symlink loop among the images: one line naming it."""
     root = tmp_path / "ds"
     for c in ("a", "b"):
         (root / c).mkdir(parents=True)
@@ -325,6 +325,12 @@ def test_appledouble_files_are_skipped_and_a_broken_link_is_named(tmp_path):
     with pytest.raises(OSError, match=r"3\.png") as e:
         dataset.load(str(root), 28, str(tmp_path / "c"))
     assert dataset.one_line(e.value) and "3.png" in dataset.one_line(e.value)
+    os.remove(root / "a" / "3.png")  # a symlink loop: named too (planted: the message without the file)
+    os.symlink(root / "a" / "loop2.png", root / "a" / "loop1.png")
+    os.symlink(root / "a" / "loop1.png", root / "a" / "loop2.png")
+    with pytest.raises(OSError) as e:
+        dataset.load(str(root), 28, str(tmp_path / "c"))
+    assert dataset.one_line(e.value).endswith("loop1.png: Too many levels of symbolic links")
 
 
 def test_a_data_dir_that_is_a_file_is_named(tmp_path):
