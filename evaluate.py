@@ -385,7 +385,10 @@ def main(argv=None):
         ckpt = {"args": {k: info[k] for k in ("data", "size", "arch")}, "method": info["method"]}
         cli.checkpoint = cli.backbone
     else:
-        ckpt = runs.load_checkpoint(cli.checkpoint) if cli.checkpoint else {"args": {}}
+        try:
+            ckpt = runs.load_checkpoint(cli.checkpoint) if cli.checkpoint else {"args": {}}
+        except ValueError as err:  # truncated, not a checkpoint: it names the file
+            raise SystemExit(f"evaluate.py --checkpoint: {str(err).splitlines()[0][:300]}") from None
     # given here, else the checkpoint's, else the default: field -> (its value when not given, the default)
     fallback = {"data": ("", "pneumonia"), "size": (0, 28), "arch": ("", "resnet18"), "seed": (-1, 0),
                 "data_dir": ("", ""), "train_subset": (-1, 0)}
@@ -414,8 +417,11 @@ def main(argv=None):
         try:
             backbone.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
         except (RuntimeError, AttributeError) as e:  # missing or extra keys, other shapes, a model that is no dict
+            keys = list(ckpt["model"]) if isinstance(ckpt["model"], dict) else []
+            why = (f"no '{prefix}' keys in its model ({len(keys)} keys{', e.g. ' + repr(keys[0]) if keys else ''})"
+                   if not any(k.startswith(prefix) for k in keys) else str(e).splitlines()[-1].strip()[:300])
             raise SystemExit(f"evaluate.py --checkpoint {cli.checkpoint}: its backbone does not fit a {arch} for "
-                             f"{ds['channels']}-channel {size} px images: {str(e).splitlines()[0][:300]}") from None
+                             f"{ds['channels']}-channel {size} px images: {why}") from None
     broken = [k for k, v in backbone.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:  # a run saved after its weights blew up: the probe's L-BFGS would fail on NaN features
         raise SystemExit(f"evaluate.py --checkpoint {cli.checkpoint}: non-finite backbone weights in {broken[0]}"

@@ -344,14 +344,18 @@ def test_a_data_dir_that_is_a_file_is_named(tmp_path):
 
 def test_evaluate_names_a_checkpoint_whose_backbone_does_not_fit(tiny_dir, tmp_path):
     """A 5x5 conv1, a missing key: one line naming the checkpoint, not load_state_dict's traceback; all-NaN weights:
-    one line naming the checkpoint and a tensor, not L-BFGS's overflow after feature extraction."""
+    one line naming the checkpoint and a tensor, not L-BFGS's overflow after feature extraction; an empty model,
+    'encoder.' keys, a truncated file: one line each saying so."""
     out = tmp_path / "run"
     run("simclr.py", tiny_dir, out, "--epochs", "1")
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     for name, edit in (("conv5", lambda m: m.update({"backbone.conv1.weight": torch.zeros(64, 1, 5, 5)})),
                        ("nokey", lambda m: m.pop("backbone.layer1.0.bn1.weight")),
                        ("nan", lambda m: m.update({k: torch.full_like(v, float("nan")) for k, v in m.items()
-                                                   if v.is_floating_point()}))):
+                                                   if v.is_floating_point()})),
+                       ("empty", lambda m: m.clear()),
+                       ("encoder", lambda m: [m.update({k.replace("backbone.", "encoder."): m.pop(k)})
+                                              for k in list(m)])):
         bad = {**ckpt, "model": dict(ckpt["model"])}
         edit(bad["model"])
         torch.save(bad, tmp_path / f"{name}.pt")
@@ -359,9 +363,19 @@ def test_evaluate_names_a_checkpoint_whose_backbone_does_not_fit(tiny_dir, tmp_p
                             str(tmp_path / f"{name}.pt"), "--data-dir", str(tiny_dir), "--out",
                             str(tmp_path / f"{name}.json")], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
-        says = "non-finite backbone weights in conv1.weight and" if name == "nan" else \
-            "its backbone does not fit a resnet18"
+        says = {"nan": "non-finite backbone weights in conv1.weight and",
+                "empty": "its backbone does not fit a resnet18 for 1-channel 28 px images: no 'backbone.' keys in "
+                         "its model (0 keys)",
+                "encoder": "its backbone does not fit a resnet18 for 1-channel 28 px images: no 'backbone.' keys "
+                           "in its model (128 keys, e.g. 'encoder.conv1.weight')"}.get(
+            name, "its backbone does not fit a resnet18")
         assert f"evaluate.py --checkpoint {tmp_path / name}.pt: {says}" in r.stderr
+    data = (out / "checkpoint.pt").read_bytes()  # cut short (a copy interrupted): one line, no traceback
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", str(tmp_path / "cut.pt")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"evaluate.py --checkpoint: {tmp_path / 'cut.pt'}: not a readable medssl checkpoint" in r.stderr
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
