@@ -53,6 +53,8 @@ PILOTS = {
     # up at step 4)
     "vicreg-lr01": ("vicreg", "pneumonia", ["--lr", "0.1"]),
     "vicreg-sgd-lr03": ("vicreg", "pneumonia", PLAIN + ["--lr", "0.03", "--warmup-epochs", "1"]),
+    # byol-pv-j4's lever (jitter 0.4 instead of SimCLR's 0.8) on SimSiam, against simsiam-pv
+    "simsiam-pv-j4": ("simsiam", "pneumonia", ["--bn", "per-view", "--jitter", "0.4"]),
 }
 SCORES = [("linear", "linear"), ("linear_10pct", "linear 10%"), ("knn", "kNN")]  # results.json key -> column
 
