@@ -53,6 +53,11 @@ PILOTS = {
     # up at step 4)
     "vicreg-lr01": ("vicreg", "pneumonia", ["--lr", "0.1"]),
     "vicreg-sgd-lr03": ("vicreg", "pneumonia", PLAIN + ["--lr", "0.03", "--warmup-epochs", "1"]),
+    # VICReg's covariance term grows with the expander width D (17.4 of the loss at D = 2048, 2.7 at 512, 0.7 at 128,
+    # at initialization); 36-step probes of the study's recipe at D = 512 and 128 passed the peak LR where D = 2048
+    # diverged (reading-recipes.md): the full budget at those widths
+    "vicreg-d512": ("vicreg", "pneumonia", ["--proj-dim", "512"]),
+    "vicreg-d128": ("vicreg", "pneumonia", ["--proj-dim", "128"]),
     # byol-pv-j4's lever (jitter 0.4 instead of SimCLR's 0.8) on SimSiam, against simsiam-pv
     "simsiam-pv-j4": ("simsiam", "pneumonia", ["--bn", "per-view", "--jitter", "0.4"]),
 }
