@@ -15,7 +15,8 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torchvision
+
+import hubconf
 
 from csrc.augment import P, TOP, LEFT, HEIGHT, WIDTH, FLIP, JITTER, BRIGHT, CONTRAST, SAT, HUE, GRAY, BLUR, SIGMA, SOLARIZE
 from csrc.augment import augment, check_params  # noqa: F401  (augment re-exported for the method files)
@@ -278,14 +279,10 @@ def make_backbone(arch, channels, size):
     (The ImageNet-weights variant, which keeps torchvision's stem, is evaluate.imagenet_backbone.)"""
     if arch not in ("resnet18", "resnet50"):
         raise ValueError(f"--arch {arch!r}: expected resnet18 or resnet50")
-    net = getattr(torchvision.models, arch)(weights=None)
-    dim = net.fc.in_features
-    net.fc = nn.Identity()
-    if size <= 64:  # a 7x7/2 conv + max-pool would shrink 28 px to 7 px before the first block
-        net.conv1 = nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
-        net.maxpool = nn.Identity()
-    else:
-        net.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+    # hubconf.resnet builds it, so a backbone.pt loads into exactly this network (a 7x7/2 conv + max-pool would
+    # shrink 28 px to 7 px before the first block: the small stem for <= 64 px)
+    net = hubconf.resnet(arch, channels, "small" if size <= 64 else "imagenet")
+    dim = net.inplanes  # torchvision's ResNet: the width after layer4, what fc took (512 or 2048)
     return net, dim
 
 

@@ -285,8 +285,8 @@ def stop(signum, frame):
 
 def plan(cli, cfg, specs, n_parts):
     """Every Run of the study (or of the ablation) in a fixed order, each with its data entry's settings, its
-    estimated minutes and its part; and the datasets' names. Parts balance the preset's estimated minutes per run and
-    depend on the preset alone, not on what has run, so committed parts never move."""
+    estimated minutes and its part; the datasets' names; each part's estimated minutes. Parts balance the preset's
+    estimated minutes per run and depend on the preset alone, not on what has run, so committed parts never move."""
     todo, datasets = [], []
     order = [m for m in ("random", "supervised") if m in cli.baselines] + cli.methods + \
         [m for m in ("imagenet",) if m in cli.baselines]  # ImageNet last: it may fail offline
@@ -309,9 +309,9 @@ def plan(cli, cfg, specs, n_parts):
                      for s in (cfg["random_seeds"] if m == "random" else cfg["seeds"])]
     estimates = [cfg.get("minutes", {}).get(spec_key(r.data, r.size, cfg["size"]), {}).get(r.model, 1.0)
                  for r in todo]
-    shares, _ = assign_parts(estimates, n_parts)
+    shares, load = assign_parts(estimates, n_parts)
     return [dataclasses.replace(r, cfg={**r.cfg, "estimate_min": e, "part": f"{p + 1}/{n_parts}"})
-            for r, e, p in zip(todo, estimates, shares)], datasets
+            for r, e, p in zip(todo, estimates, shares)], datasets, load
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -379,11 +379,9 @@ def main(argv=None):
     report.check_records(cli.out, cli.preset)
     t0 = time.time()
 
-    todo, datasets = plan(cli, cfg, specs, n_parts)
+    todo, datasets, load = plan(cli, cfg, specs, n_parts)  # load: each part's estimated minutes
     mine = set() if cli.table_only else {i for i, r in enumerate(todo) if r.cfg["part"] == cli.part}
     if n_parts > 1 and not cli.table_only:
-        load = [sum(r.cfg["estimate_min"] for r in todo if r.cfg["part"] == f"{p}/{n_parts}")
-                for p in range(1, n_parts + 1)]
         print(f"part {cli.part}: {len(mine)} of {len(todo)} runs, estimated {load[part - 1]:.0f} min (parts: "
               f"{', '.join(f'{x:.0f}' for x in load)} min)", flush=True)
 
