@@ -60,6 +60,11 @@ PILOTS = {
     "vicreg-d128": ("vicreg", "pneumonia", ["--proj-dim", "128"]),
     # byol-pv-j4's lever (jitter 0.4 instead of SimCLR's 0.8) on SimSiam, against simsiam-pv
     "simsiam-pv-j4": ("simsiam", "pneumonia", ["--bn", "per-view", "--jitter", "0.4"]),
+    # the jitter lever (0.4 instead of 0.8) on the three methods not yet given it: VICReg at its stable width 512,
+    # Barlow Twins and DCLW at the study's recipe (one lever each against the study's runs and vicreg-d512)
+    "vicreg-d512-j4": ("vicreg", "pneumonia", ["--proj-dim", "512", "--jitter", "0.4"]),
+    "barlow-j4": ("barlow", "pneumonia", ["--jitter", "0.4"]),
+    "dclw-j4": ("dclw", "pneumonia", ["--jitter", "0.4"]),
 }
 SCORES = [("linear", "linear"), ("linear_10pct", "linear 10%"), ("knn", "kNN")]  # results.json key -> column
 
