@@ -321,6 +321,11 @@ def write_readme(path, lines):
     runs.write_text(path, head + README_BEGIN + "\n" + "\n".join(lines) + "\n" + README_END + tail)
 
 
+def seeds_text(seeds):
+    """A preset's seeds: '[0, 1, 2]', or per data entry 'pneumonia [0, 1, 2], breast [0]'."""
+    return ", ".join(f"{d} {v}" for d, v in seeds.items()) if isinstance(seeds, dict) else str(seeds)
+
+
 def write_results(records, datasets, cfg, cli, wall):
     """results/RESULTS.md (in cli.out): how it was built, the hand-written reading, per dataset the test metrics of
     every model and protocol, the paired differences and the training curves, then the parts and every run."""
@@ -335,8 +340,9 @@ def write_results(records, datasets, cfg, cli, wall):
              f"or its run folders; each run's date, machine and part are in the Parts and Runs tables below",
              f"- Wall time of this invocation: {wall / 60:.1f} min with {cli.jobs} run(s) at once; sum of the runs' "
              f"own wall times, when they ran: {wall_min(records):.1f} min",
-             f"- Backbone {cfg['arch']}, seeds {cfg['seeds']}"
-             + (f" (untrained backbone: seeds {cfg['random_seeds']})" if cfg["random_seeds"] != cfg["seeds"] else "")
+             f"- Backbone {cfg['arch']}, seeds {seeds_text(cfg['seeds'])}"
+             + (f" (untrained backbone: seeds {seeds_text(cfg['random_seeds'])})"
+                if cfg["random_seeds"] != cfg["seeds"] else "")
              + "; epochs, batch, fine-tune epochs and train images per dataset under its heading. Metrics on each "
              "dataset's test split: mean ± "
              f"sample std over seeds, or for one seed the AUC with its 95% bootstrap interval over the test set.",

@@ -82,8 +82,9 @@ ABLATION = {"paper recipe (crop 0.08, jitter 0.4, blur)": ["--min-scale", "0.08"
 
 
 # ------------------------------------------------------------------------------------------------ runs
-# the settings a preset may give per data entry (one value, or a dict keyed by the entry)
-PER_DATA = ("epochs", "batch_size", "warmup_epochs", "eval_every", "finetune_epochs")
+# the settings a preset may give per data entry (one value, or a dict keyed by the entry: e.g. seeds 0-2 on one
+# dataset and seed 0 on another)
+PER_DATA = ("epochs", "batch_size", "warmup_epochs", "eval_every", "finetune_epochs", "seeds", "random_seeds")
 
 
 def with_flags(cmd, flags):
@@ -303,10 +304,10 @@ def plan(cli, cfg, specs, n_parts):
         datasets.append(report.data_name(data, size))
         if cli.ablate:  # one SimCLR run per variant, each in its own runs folder
             todo += [Run("simclr", data, size, s, {**run_cfg, "extra": flags}, os.path.join(cli.runs, f"v{i}"))
-                     for i, flags in enumerate(ABLATION.values()) for s in cfg["seeds"][:1]]
+                     for i, flags in enumerate(ABLATION.values()) for s in run_cfg["seeds"][:1]]
         else:
             todo += [Run(m, data, size, s, run_cfg, cli.runs) for m in order
-                     for s in (cfg["random_seeds"] if m == "random" else cfg["seeds"])]
+                     for s in (run_cfg["random_seeds"] if m == "random" else run_cfg["seeds"])]
     estimates = [cfg.get("minutes", {}).get(spec_key(r.data, r.size, cfg["size"]), {}).get(r.model, 1.0)
                  for r in todo]
     shares, load = assign_parts(estimates, n_parts)

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -195,6 +196,16 @@ def test_data_specs_and_per_entry_settings(tmp_path):
     assert reproduce.setting(preset, "epochs", "breast@128") == 5  # else the flag's
     assert reproduce.setting(preset, "batch_size", "anything") == 32  # one value for every entry
     assert reproduce.setting(reproduce.PRESETS["gpu"], "epochs", "pneumonia") >= 200  # the minimum
+    # seeds per entry (three paired seeds on one dataset, one on another): plan() makes exactly those runs
+    cfg = dict(reproduce.PRESETS["cpu"], seeds={"pneumonia": [0, 1, 2], "breast": [0]},
+               random_seeds={"pneumonia": [0, 1, 2], "breast": [0, 1]})
+    cli = types.SimpleNamespace(baselines=["random"], methods=["simclr", "byol"], ablate=False, table_only=True,
+                                data_dir="", runs="runs")
+    todo = reproduce.plan(cli, cfg, ["pneumonia", "breast"], 1)[0]
+    assert sorted((r.model, r.data, r.seed) for r in todo) == sorted(
+        [(m, "pneumonia", s) for m in ("random", "simclr", "byol") for s in (0, 1, 2)]
+        + [("random", "breast", 0), ("random", "breast", 1), ("simclr", "breast", 0), ("byol", "breast", 0)])
+    assert report.seeds_text(cfg["seeds"]) == "pneumonia [0, 1, 2], breast [0]"
 
 
 def test_method_flags_change_only_the_named_method():
