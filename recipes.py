@@ -10,15 +10,21 @@ records, beside the same val scores of the committed cpu study (the old recipes 
 Run:
     python recipes.py barlow-sgd            # run these pilots (one after another), then rebuild RECIPES.md
     python recipes.py --table-only          # RECIPES.md from the committed records
+    python recipes.py --agreement           # how alike the two views are at initialization, per augmentation
 A pilot whose record is committed with the same command is never rerun; an interrupted one resumes (--resume).
 """
 import argparse
 import datetime
 import glob
+import importlib
 import json
 import os
 import sys
 
+import torch
+
+import common
+import dataset
 import reproduce
 import runs
 
@@ -117,6 +123,75 @@ def run(name, out, runs_dir=os.path.join("runs", "recipes")):
           f"{rec.get('val', rec.get('reason'))}", flush=True)
 
 
+# --agreement: (jitter strength, smallest crop) settings, for the views of a method of each kind (BYOL's asymmetric
+# views: byol, barlow, vicreg; SimCLR's: simclr, simsiam, dclw)
+AGREEMENT = {"methods": ["barlow", "simsiam"], "settings": [(0.8, 0.2), (0.4, 0.2), (0.2, 0.2), (0.0, 0.2),
+                                                            (0.4, 0.08), (0.4, 0.5)]}
+
+
+def feature_correlation(h1, h2):
+    """Mean over features of the correlation across the batch between the two views' features: Barlow Twins' c_ii
+    on (B, d) features, averaged. 1: every feature of one view predicts the other's; ~0: the views are unrelated."""
+    z1 = (h1 - h1.mean(0)) / (h1.std(0, unbiased=False) + 1e-8)
+    z2 = (h2 - h2.mean(0)) / (h2.std(0, unbiased=False) + 1e-8)
+    return (z1 * z2).mean(0).mean().item()
+
+
+def agreement(method, data="pneumonia", size=28, seed=0, batches=4, B=256, data_dir=None):
+    """How alike the two views of one image are to the untrained backbone (seed-initialized, batch-norm in training
+    mode as the first step sees it), for each AGREEMENT setting with `method`'s views: the feature correlation of
+    feature_correlation, averaged over `batches` batches of B train images. No training; seconds per setting."""
+    views = importlib.import_module(method).VIEWS
+    images = dataset.load(data, size, data_dir, seed)["train"][0]
+    N, C, H, W = images.shape
+    mean, std = dataset.channel_stats(images)
+    out = []
+    for jitter, min_scale in AGREEMENT["settings"]:
+        torch.manual_seed(seed)  # the same initialization and the same batches for every setting
+        gen = torch.Generator().manual_seed(seed)
+        backbone = common.make_backbone("resnet18", C, size)[0].train()
+        aug = common.augmentation(size, views, min_scale, jitter)
+        r = []
+        with torch.no_grad():
+            for _ in range(batches):
+                idx = torch.randperm(N, generator=gen)[:min(B, N)]
+                x1, x2 = common.augment(images[idx], common.sample_params(len(idx), H, W, C, gen, **aug), size,
+                                        mean, std)
+                r.append(feature_correlation(*backbone(torch.cat([x1, x2])).chunk(2)))  # h: (2B, 512) -> 2 x (B, 512)
+        out.append({"jitter": jitter, "min_scale": min_scale, "correlation": round(sum(r) / len(r), 4)})
+        print(f"{method}: jitter {jitter}, crops from {min_scale:.0%}: feature correlation {out[-1]['correlation']}",
+              flush=True)
+    return out
+
+
+def write_agreement(out, data_dir=None):
+    """out/recipes-agreement.json: agreement() for each AGREEMENT method, with the command, machine and date."""
+    rec = {"command": "python recipes.py --agreement", "data": "pneumonia", "size": 28, "batches": 4, "B": 256,
+           "date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": runs.machine(),
+           "views": {m: agreement(m, data_dir=data_dir) for m in AGREEMENT["methods"]}}
+    runs.write_json(os.path.join(out, "recipes-agreement.json"), rec)
+
+
+def agreement_lines(out):
+    """RECIPES.md's section on out/recipes-agreement.json, when it exists."""
+    path = os.path.join(out, "recipes-agreement.json")
+    if not os.path.exists(path):
+        return []
+    rec = read_json(path)
+    methods = list(rec["views"])
+    lines = ["## How alike the two views are at initialization", "",
+             f"`{rec['command']}` ({rec['date'][:10]}, {rec['machine']}): the untrained ResNet-18 (seed 0, batch norm "
+             f"in training mode) on {rec['batches']} batches of {rec['B']} {rec['data']} train images at "
+             f"{rec['size']} px; per feature, the correlation across the batch between the two views' features h "
+             "(Barlow Twins' c_ii on h), averaged: 1 when each view's features predict the other's, ~0 unrelated.", "",
+             "| jitter strength | smallest crop | " + " | ".join(f"{m}'s views" for m in methods) + " |",
+             "|---:|---:|" + "---:|" * len(methods)]
+    for i, s in enumerate(rec["views"][methods[0]]):
+        lines.append(f"| {s['jitter']} | {s['min_scale']:.0%} | "
+                     + " | ".join(f"{rec['views'][m][i]['correlation']:.3f}" for m in methods) + " |")
+    return lines + [""]
+
+
 def table(out):
     """RECIPES.md: every pilot's val scores beside those of the committed cpu study's runs of the same data."""
     recs = [read_json(p) for p in sorted(glob.glob(os.path.join(out, "recipes", "*.json")))]
@@ -130,6 +205,7 @@ def table(out):
         with open(reading) as f:
             lines += ["## Reading (hand-written, reading-recipes.md; the tables below are generated)", "",
                       f.read().strip(), ""]
+    lines += agreement_lines(out)
     for data in BUDGET:
         mine = [r for r in recs if r["data"] == data]
         if not mine:
@@ -161,11 +237,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("names", nargs="*", help=f"pilots to run, of: {', '.join(PILOTS)}")
     p.add_argument("--table-only", action="store_true", help="only rebuild RECIPES.md from the committed records")
+    p.add_argument("--agreement", action="store_true", help="measure how alike the two views are at "
+                   "initialization for each AGREEMENT setting (recipes-agreement.json), then rebuild RECIPES.md")
     p.add_argument("--out", default="results", help="where recipes/*.json and RECIPES.md go")
     cli = p.parse_args(argv)
     unknown = [n for n in cli.names if n not in PILOTS]
     if unknown:
         p.error(f"unknown pilot(s) {', '.join(unknown)}: expected some of {', '.join(PILOTS)}")
+    if cli.agreement:
+        write_agreement(cli.out)
     for name in [] if cli.table_only else cli.names:
         run(name, cli.out)
     table(cli.out)

@@ -3,6 +3,7 @@ score, a committed pilot is not rerun, a failed one says why, and RECIPES.md sho
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,3 +98,33 @@ def test_make_optimizer_sgd_is_plain_momentum_sgd_and_lars_is_lars():
     with pytest.raises(ValueError, match="--optimizer 'adam'"):
         common.make_optimizer("adam", [w], 0.1, 0.0)
     assert common.RULES["optimizer"][0]("sgd") and not common.RULES["optimizer"][0]("adam")
+
+
+def test_feature_correlation_is_the_mean_per_feature_pearson_r():
+    g = torch.Generator().manual_seed(0)
+    h1 = torch.randn(64, 5, generator=g)
+    h2 = 0.5 * h1 + torch.randn(64, 5, generator=g)
+    naive = [float(np.corrcoef(h1[:, j].numpy(), h2[:, j].numpy())[0, 1]) for j in range(5)]  # the reference
+    assert recipes.feature_correlation(h1, h2) == pytest.approx(sum(naive) / 5, abs=1e-5)
+    assert recipes.feature_correlation(h1, 3 * h1 + 1) == pytest.approx(1.0, abs=1e-5)  # scale and shift free
+    assert recipes.feature_correlation(h1, -h1) == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_view_agreement_pairs_each_image_s_two_views(npz_dir, monkeypatch, tmp_path):
+    """With the second view made equal to the first, the agreement is 1 (the views are paired row by row); with
+    the real augmentation it is below that; the record and RECIPES.md's section hold what was measured."""
+    monkeypatch.setenv("MEDSSL_DATA_DIR", str(npz_dir))
+    monkeypatch.setattr(recipes, "AGREEMENT", {"methods": ["barlow"], "settings": [(0.8, 0.2), (0.0, 0.2)]})
+    real = recipes.agreement("barlow", batches=1, B=32)
+    assert [(s["jitter"], s["min_scale"]) for s in real] == [(0.8, 0.2), (0.0, 0.2)]
+    assert all(-1 < s["correlation"] < 0.99 for s in real)
+    augment = common.augment
+    monkeypatch.setattr(common, "augment", lambda *a, **k: (augment(*a, **k)[0],) * 2)  # view 2 := view 1
+    assert all(s["correlation"] == pytest.approx(1.0, abs=1e-3) for s in recipes.agreement("barlow", batches=1, B=32))
+    monkeypatch.setattr(common, "augment", augment)
+    recipes.write_agreement(str(tmp_path))
+    rec = json.load(open(tmp_path / "recipes-agreement.json"))
+    (tmp_path / "recipes").mkdir()
+    recipes.table(str(tmp_path))
+    row = f"| 0.8 | 20% | {rec['views']['barlow'][0]['correlation']:.3f} |"
+    assert row in (tmp_path / "RECIPES.md").read_text()
