@@ -249,7 +249,10 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown pilot(s) {', '.join(unknown)}: expected some of {', '.join(PILOTS)}")
     if cli.agreement:
-        write_agreement(cli.out)
+        try:
+            write_agreement(cli.out)
+        except (ValueError, OSError) as e:  # the data missing or unreadable: one line naming the file
+            raise SystemExit(f"recipes --agreement: {dataset.one_line(e)}") from None
     for name in [] if cli.table_only else cli.names:
         run(name, cli.out)
     table(cli.out)

@@ -128,3 +128,12 @@ def test_view_agreement_pairs_each_image_s_two_views(npz_dir, monkeypatch, tmp_p
     recipes.table(str(tmp_path))
     row = f"| 0.8 | 20% | {rec['views']['barlow'][0]['correlation']:.3f} |"
     assert row in (tmp_path / "RECIPES.md").read_text()
+
+
+def test_agreement_without_its_data_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipes.dataset, "ZENODO", "file:///nonexistent-medssl/{file}")  # no download either
+    monkeypatch.setenv("MEDSSL_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(SystemExit) as e:
+        recipes.main(["--agreement", "--out", str(tmp_path / "out")])
+    assert str(e.value).startswith("recipes --agreement: pneumoniamnist.npz is not in")
+    assert not (tmp_path / "out").exists()
