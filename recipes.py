@@ -75,6 +75,10 @@ PILOTS = {
     # the study's jitter on the two candidates, against byol-pv-j4 and simsiam-pv-j4
     "byol-pv-j2": ("byol", "pneumonia", ["--bn", "per-view", "--jitter", "0.2"]),
     "simsiam-pv-j2": ("simsiam", "pneumonia", ["--bn", "per-view", "--jitter", "0.2"]),
+    # barlow-j4 scored as the study's Barlow Twins (the jitter is not what holds it back): the projection width D,
+    # as VICReg's (a 2048-wide cross-correlation from 256 images is rank <= 255, its off-diagonal term cannot vanish)
+    "barlow-d512-j4": ("barlow", "pneumonia", ["--proj-dim", "512", "--jitter", "0.4"]),
+    "vicreg-d512-j2": ("vicreg", "pneumonia", ["--proj-dim", "512", "--jitter", "0.2"]),
     # BreastMNIST's val split is not saturated as PneumoniaMNIST's is: the candidates there, against the study's runs
     "simsiam-pv-j4-breast": ("simsiam", "breast", ["--bn", "per-view", "--jitter", "0.4"]),
     "byol-pv-j4-breast": ("byol", "breast", ["--bn", "per-view", "--jitter", "0.4"]),

@@ -137,3 +137,17 @@ def test_agreement_without_its_data_is_one_line_and_writes_nothing(tmp_path, mon
         recipes.main(["--agreement", "--out", str(tmp_path / "out")])
     assert str(e.value).startswith("recipes --agreement: pneumoniamnist.npz is not in")
     assert not (tmp_path / "out").exists()
+
+
+def test_every_defined_pilot_is_a_valid_command_of_its_method():
+    """A pilot with a misspelt or out-of-range flag would fail only when its turn in a background queue comes."""
+    import importlib
+    for name, (method, data, flags) in recipes.PILOTS.items():
+        cmd = recipes.command(name)
+        assert cmd[0] == f"{method}.py" and cmd[cmd.index("--data") + 1] == data, name
+        args = common.parse_args(importlib.import_module(method).Args, cmd[1:])  # exits on a bad flag
+        for opt, value in zip(flags[::2], flags[1::2]):  # each flag reaches the run, the last one of a kind wins
+            last = max(i for i, a in enumerate(cmd) if a == opt)
+            assert cmd[last + 1] == value or opt in flags[flags.index(opt) + 2::2], (name, opt)
+            got = getattr(args, opt[2:].replace("-", "_"))
+            assert got == type(got)(cmd[last + 1]), (name, opt)
