@@ -79,8 +79,8 @@ PILOTS = {
     # as VICReg's (a 2048-wide cross-correlation from 256 images is rank <= 255, its off-diagonal term cannot vanish)
     "barlow-d512-j4": ("barlow", "pneumonia", ["--proj-dim", "512", "--jitter", "0.4"]),
     "vicreg-d512-j2": ("vicreg", "pneumonia", ["--proj-dim", "512", "--jitter", "0.2"]),
-    # BYOL's target follows the online network at tau_base 0.99: a memory of ~100 steps, over half of this run, so
-    # the online network mostly regresses onto the untrained target; 0.95 (~20 steps), one lever against byol-pv-j4
+    # BYOL's target follows the online network slowly: at tau_base 0.99 (cosine to 1) 40% of the target's weights
+    # at step 180 are still its initial ones (the product of the tau_k); at 0.95, 1%. One lever against byol-pv-j4
     "byol-pv-j4-ema95": ("byol", "pneumonia", ["--bn", "per-view", "--jitter", "0.4", "--ema-decay", "0.95"]),
     # BreastMNIST's val split is not saturated as PneumoniaMNIST's is: the candidates there, against the study's runs
     "simsiam-pv-j4-breast": ("simsiam", "breast", ["--bn", "per-view", "--jitter", "0.4"]),
