@@ -67,7 +67,10 @@ RECORD_OK = {"results": (dict, "the run's results.json: protocol -> metrics"), "
              "curves": (dict, "per-epoch loss, z_std and online val kNN (curves())")}
 RECORD_FAILED = {"reason": (str, "the run's own last message (failure_reason)")}
 # Optional: "migrated" (str), why and when a record's config was rewritten to a new script's command that gives the
-# same results (the supervised baseline's records, when it moved from evaluate.py to supervised.py).
+# same results (the supervised baseline's records, when it moved from evaluate.py to supervised.py); "recipe" (dict),
+# what the script made of the config, defaults included (reproduce.recipe; records from 2026-12-05 on).
+RECORD_OPTIONAL = {"migrated": (str, "why the config was rewritten"),
+                   "recipe": (dict, "the script's resolved arguments and augmentation (reproduce.recipe)")}
 
 
 def check_record(path, rec):
@@ -84,6 +87,8 @@ def check_record(path, rec):
            f"{path}: {k}: expected {doc}, found {type(rec[k]).__name__} {rec[k]!r:.40}"
            for k, (typ, doc) in keys.items() if k not in rec or not isinstance(rec[k], typ) or
            (typ is int and isinstance(rec[k], bool))]
+    bad += [f"{path}: {k}: expected {doc}, found {type(rec[k]).__name__} {rec[k]!r:.40}"
+            for k, (typ, doc) in RECORD_OPTIONAL.items() if k in rec and not isinstance(rec[k], typ)]
     if bad:
         return bad
     name = f"{rec['preset']}-{rec['model']}-{rec['data']}-s{rec['seed']}.json"

@@ -204,6 +204,30 @@ def identity(run):
     return config, hashlib.sha1(config.encode()).hexdigest()[:8]
 
 
+MACHINE_ARGS = ("out", "data_dir", "weights", "resume", "overwrite")  # where a run writes and reads: not its recipe
+
+
+def recipe(run):
+    """What the run's script makes of its command: every field of its Args, defaults included (less MACHINE_ARGS),
+    and for a training script the augmentation they resolve to (common.augmentation of its VIEWS). The command alone
+    (identity) misses a default changed in a method file since; run_one compares this too before reusing a run."""
+    cmd = command(run, "")[2:]
+    module = importlib.import_module(cmd[0][:-3])
+    args = dataclasses.asdict(common.parse_args(module.Args, [a for a in cmd[1:] if a != "--resume"]))
+    out = {k: v for k, v in args.items() if k not in MACHINE_ARGS}
+    if hasattr(module, "VIEWS"):
+        aug = common.augmentation(args["size"], module.VIEWS, args["min_scale"], args["jitter"], args["blur"])
+        out.update(views=[dataclasses.asdict(v) for v in aug["views"]], crop_scale=list(aug["scale"]),
+                   jitter_strength=list(aug["strength"]))  # brightness, contrast, saturation, hue
+    return out
+
+
+def recipe_change(old, new):
+    """What differs between two recipes, as 'jitter 0.8 -> 0.4, bn joint -> per-view' (first five)."""
+    keys = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+    return ", ".join(f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+
+
 def json_path(out, preset, run):
     """Where a run's record is committed: results/runs/<preset>-<model>-<data>-s<seed>.json."""
     return os.path.join(out, "runs", f"{preset}-{run.name}.json")
@@ -230,10 +254,14 @@ def run_one(run, cli, run_it=True):
     rec = {"model": run.model, "data": report.data_name(run.data, run.size), "seed": run.seed, "preset": cli.preset,
            "train_subset": cfg["subset"], "n_train": cfg["n_train"], "epochs": cfg["epochs"],
            "batch_size": cfg["batch_size"], "finetune_epochs": cfg["finetune_epochs"], "config": config,
-           "config_hash": config_hash, "estimate_min": cfg["estimate_min"], "part": cfg["part"]}
+           "config_hash": config_hash, "recipe": recipe(run), "estimate_min": cfg["estimate_min"], "part": cfg["part"]}
     old = committed(path, config_hash)
     if old is None and os.path.exists(path):  # check_records found it sound
         print(f"[old ] {key}: {path} is of another configuration; not used (this run: {config_hash})", flush=True)
+    elif old is not None and old.get("recipe", rec["recipe"]) != rec["recipe"]:  # a script's default changed since
+        print(f"[old ] {key}: {path} ran with another recipe ({recipe_change(old['recipe'], rec['recipe'])}); not "
+              "used", flush=True)
+        old = None
     if old is not None and (old["status"] == "ok" or (old["status"] == "failed" and not run_it)):
         print(f"[skip] {key}: committed in {path} (same configuration)", flush=True)
         return {**old, "estimate_min": rec["estimate_min"], "part": rec["part"], "committed": True}
@@ -241,6 +269,15 @@ def run_one(run, cli, run_it=True):
     folder = os.path.join(run.folder, f"{key}-{config_hash}")
     cmd = command(run, folder, cli.data_dir, cli.weights)
     done, info = os.path.join(folder, "results.json"), os.path.join(folder, "run.json")
+    ran_with = rec["recipe"]  # what a finished folder ran with, from its run.json (older folders do not say)
+    if os.path.exists(info):
+        with open(info) as f:
+            ran_with = json.load(f).get("recipe", ran_with)
+    if os.path.exists(done) and ran_with != rec["recipe"]:  # same command, but a script's default changed since
+        reason = (f"{folder} finished with another recipe ({recipe_change(ran_with, rec['recipe'])}): move it away "
+                  "to rerun this run")
+        print(f"[fail] {key}: {reason}", flush=True)
+        return {**rec, "status": "failed", "reason": reason}
     if os.path.exists(done):
         print(f"[skip] {key}: {done} exists (same configuration)", flush=True)
         rec["skipped"] = True
@@ -259,7 +296,7 @@ def run_one(run, cli, run_it=True):
             reason = runs.failure_reason(folder, rc)
             print(f"[fail] {key} after {wall:.0f} s: {reason}", flush=True)
             return {**rec, "status": "failed", "reason": reason, **ran}
-        runs.write_json(info, {"wall_s": wall, "command": " ".join(cmd[2:]),
+        runs.write_json(info, {"wall_s": wall, "command": " ".join(cmd[2:]), "recipe": rec["recipe"],
                                **{k: v for k, v in ran.items() if k != "wall_s"}})
         print(f"[done] {key} in {wall / 60:.1f} min", flush=True)
     with open(done) as f:

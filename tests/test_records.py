@@ -75,6 +75,7 @@ CASES = [  # (what the issue found, the record, the field its line must name)
     ('"epochs": 500 in a method\'s record', lambda: edited(SIMCLR, epochs=500),
      "config: --epochs 10 disagrees with the record's 500"),
     ('"seed": 1 (file name and hash kept)', lambda: edited(SIMCLR, seed=1), "config: --seed 0 disagrees"),
+    ('"recipe": "lr 0.3" (not an object)', lambda: edited(SIMCLR, recipe="lr 0.3"), "recipe: expected the script's"),
 ]
 
 

@@ -240,3 +240,43 @@ def test_method_flags_change_only_the_named_method():
         method = "moco" if says.startswith("expected one") else "vicreg"
         with pytest.raises(SystemExit, match=says):
             reproduce.check_method_flags("bad", {"data": ["pneumonia"], "method_flags": {method: flags}})
+
+
+def test_a_run_of_the_same_command_but_another_default_is_not_reused(tmp_path, monkeypatch, capsys):
+    """identity() is the command; a default changed in a method file (here the small-image jitter) leaves it the
+    same. recipe() sees the change, and neither a committed record nor a finished run folder of the old recipe is
+    reused; records from before recipes were kept (no "recipe") are reused by their command as before."""
+    import common
+    import simclr
+    cfg = dict(arch="resnet18", finetune_epochs=1, batch_size=256, subset=0, epochs=10, eval_every=5, warmup_epochs=1,
+               imagenet_size=224, n_train=100, estimate_min=1.0, part="1/1")
+    run = reproduce.Run("simclr", "pneumonia", 28, 0, cfg, str(tmp_path / "runs"))
+    config, digest = reproduce.identity(run)
+    before = reproduce.recipe(run)
+    assert before["lr"] == simclr.Args.lr and before["temperature"] == simclr.Args.temperature  # defaults included
+    assert before["jitter_strength"] == [0.8, 0.8, 0.8, 0.2] and "out" not in before and "data_dir" not in before
+    cli = types.SimpleNamespace(out=str(tmp_path / "results"), preset="cpu", part="1/1", data_dir="", weights=None)
+    path = reproduce.json_path(cli.out, cli.preset, run)
+    os.makedirs(os.path.dirname(path))
+    committed = {"status": "ok", "config": config, "config_hash": digest, "recipe": before, "results": {}}
+    json.dump(committed, open(path, "w"))
+    assert reproduce.run_one(run, cli, run_it=False).get("committed")  # the same recipe: reused
+    monkeypatch.setitem(common.AUGMENT["small"], "jitter", 0.4)  # the default changes; the command does not
+    assert reproduce.identity(run) == (config, digest)
+    after = reproduce.recipe(run)
+    assert reproduce.recipe_change(before, after) == "jitter_strength [0.8, 0.8, 0.8, 0.2] -> [0.4, 0.4, 0.4, 0.1]"
+    rec = reproduce.run_one(run, cli, run_it=False)
+    assert rec["status"] == "pending" and rec["recipe"] == after  # not the old record: it would run again
+    assert "ran with another recipe (jitter_strength" in capsys.readouterr().out
+    json.dump({k: v for k, v in committed.items() if k != "recipe"}, open(path, "w"))  # a record from before recipes
+    assert reproduce.run_one(run, cli, run_it=False).get("committed")
+    # a finished run folder of the old recipe (its run.json says so) is refused with one line, not reused
+    os.remove(path)
+    folder = tmp_path / "runs" / f"{run.name}-{digest}"
+    folder.mkdir(parents=True)
+    json.dump({"knn": {}}, open(folder / "results.json", "w"))
+    json.dump({"wall_s": 1.0, "command": config, "recipe": before}, open(folder / "run.json", "w"))
+    rec = reproduce.run_one(run, cli, run_it=True)
+    assert rec["status"] == "failed" and rec["reason"].startswith(f"{folder} finished with another recipe")
+    json.dump({"wall_s": 1.0, "command": config, "recipe": after}, open(folder / "run.json", "w"))
+    assert reproduce.run_one(run, cli, run_it=True)["status"] == "ok"  # its own recipe: reused
