@@ -11,7 +11,8 @@ Run:
     python recipes.py barlow-sgd            # run these pilots (one after another), then rebuild RECIPES.md
     python recipes.py --table-only          # RECIPES.md from the committed records
     python recipes.py --agreement           # how alike the two views are at initialization, per augmentation
-A pilot whose record is committed with the same command is never rerun; an interrupted one resumes (--resume).
+A pilot whose record is committed with the same command and recipe (reproduce.resolve: every argument, defaults
+included) is never rerun; an interrupted one resumes (--resume).
 """
 import argparse
 import datetime
@@ -116,16 +117,22 @@ def run(name, out, runs_dir=os.path.join("runs", "recipes")):
     skipped when that record holds the same command."""
     cmd = command(name)
     path = os.path.join(out, "recipes", f"{name}.json")
-    if os.path.exists(path) and read_json(path).get("command") == " ".join(cmd):
-        print(f"[skip] {name}: committed in {path}", flush=True)
-        return
+    try:  # every argument, defaults included: a default changed since reruns the pilot
+        recipe = reproduce.resolve(cmd)
+    except SystemExit:  # a bad flag (its line printed): the run fails on it too, and its record says why
+        recipe = None
+    if os.path.exists(path):
+        old = read_json(path)
+        if old.get("command") == " ".join(cmd) and old.get("recipe", recipe) == recipe:
+            print(f"[skip] {name}: committed in {path}", flush=True)
+            return
     folder = os.path.join(runs_dir, name)
     os.makedirs(folder, exist_ok=True)
     print(f"[run ] {name}: {' '.join(cmd)}", flush=True)
     script = os.path.join(ROOT, cmd[0])  # the method file beside this one, whatever the working folder
     rc, wall = runs.run_child([sys.executable, "-u", script, *cmd[1:], "--out", folder, "--resume"], folder)
     rec = {"name": name, "method": PILOTS[name][0], "data": PILOTS[name][1], "flags": PILOTS[name][2],
-           "command": " ".join(cmd), "wall_s": round(wall, 1),
+           "command": " ".join(cmd), "recipe": recipe, "wall_s": round(wall, 1),
            "date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": runs.machine()}
     done = os.path.join(folder, "results.json")
     if rc != 0 or not os.path.exists(done):

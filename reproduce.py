@@ -211,7 +211,11 @@ def recipe(run):
     """What the run's script makes of its command: every field of its Args, defaults included (less MACHINE_ARGS),
     and for a training script the augmentation they resolve to (common.augmentation of its VIEWS). The command alone
     (identity) misses a default changed in a method file since; run_one compares this too before reusing a run."""
-    cmd = command(run, "")[2:]
+    return resolve(command(run, "")[2:])
+
+
+def resolve(cmd):
+    """recipe() of a command ['<script>.py', '--flag', 'value', ...] (recipes.py's pilots use it too)."""
     module = importlib.import_module(cmd[0][:-3])
     args = dataclasses.asdict(common.parse_args(module.Args, [a for a in cmd[1:] if a != "--resume"]))
     out = {k: v for k, v in args.items() if k not in MACHINE_ARGS}

@@ -20,7 +20,7 @@ def tiny_pilots(monkeypatch, npz_dir):
         "broken": ("barlow", "pneumonia", ["--epochs", "1", "--lambd", "-1"])})
 
 
-def test_a_pilot_records_val_scores_only_and_is_not_rerun(tiny_pilots, tmp_path):
+def test_a_pilot_records_val_scores_only_and_is_not_rerun(tiny_pilots, tmp_path, monkeypatch):
     out, runs_dir = tmp_path / "results", tmp_path / "runs"
     recipes.run("tiny", str(out), str(runs_dir))
     rec = json.load(open(out / "recipes" / "tiny.json"))
@@ -43,6 +43,15 @@ def test_a_pilot_records_val_scores_only_and_is_not_rerun(tiny_pilots, tmp_path)
     mtime = os.path.getmtime(out / "recipes" / "tiny.json")
     recipes.run("tiny", str(out), str(runs_dir))
     assert os.path.getmtime(out / "recipes" / "tiny.json") == mtime
+    # the same command under a changed default (the small-image jitter) is another recipe: it runs again
+    assert rec["recipe"]["jitter_strength"] == [0.8, 0.8, 0.8, 0.2] and rec["recipe"]["lr"] == 0.05
+    monkeypatch.setitem(common.AUGMENT["small"], "jitter", 0.4)
+    ran = []
+    monkeypatch.setattr(recipes.runs, "run_child", lambda cmd, folder: ran.append(cmd) or (1, 0.0))
+    recipes.run("tiny", str(out), str(runs_dir / "again"))
+    assert len(ran) == 1 and json.load(open(out / "recipes" / "tiny.json"))["recipe"]["jitter_strength"][0] == 0.4
+    monkeypatch.undo()
+    json.dump(rec, open(out / "recipes" / "tiny.json", "w"))  # the first run's record, for the table below
 
     # the table shows the pilot's val scores, as the record has them, and no test score
     recipes.table(str(out))
