@@ -229,7 +229,8 @@ def resolve(cmd):
 def recipe_change(old, new):
     """What differs between two recipes, as 'jitter 0.8 -> 0.4, bn joint -> per-view' (first five)."""
     keys = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
-    return ", ".join(f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+    more = ", ..." if len(keys) > 5 else ""
+    return ", ".join(f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in keys[:5]) + more
 
 
 def json_path(out, preset, run):
