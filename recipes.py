@@ -91,6 +91,9 @@ PILOTS = {
     # BreastMNIST's val split is not saturated as PneumoniaMNIST's is: the candidates there, against the study's runs
     "simsiam-pv-j4-breast": ("simsiam", "breast", ["--bn", "per-view", "--jitter", "0.4"]),
     "byol-pv-j4-breast": ("byol", "breast", ["--bn", "per-view", "--jitter", "0.4"]),
+    "dclw-j4-breast": ("dclw", "breast", ["--jitter", "0.4"]),
+    # VICReg at width 128 with the jitter it gained from at 512 (vicreg-d512-j4), against vicreg-d512-j4
+    "vicreg-d128-j4": ("vicreg", "pneumonia", ["--proj-dim", "128", "--jitter", "0.4"]),
 }
 SCORES = [("linear", "linear"), ("linear_10pct", "linear 10%"), ("knn", "kNN")]  # results.json key -> column
 
