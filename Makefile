@@ -23,7 +23,7 @@ test: $(VENV)/.stamp
 run: $(VENV)/.stamp
 	$(PY) simclr.py --data pneumonia --epochs 10 --warmup-epochs 1 --resume
 
-# the paper's study (reproduce.py): PRESET=cpu (2 cores: 10.1 h measured, or ARGS="--part I/13", <= 100 min each) or PRESET=paper (a GPU); more in ARGS,
+# the paper's study (reproduce.py): PRESET=cpu (2 cores: ~20 h estimated, or ARGS="--part I/14", <= 100 min each) or PRESET=paper (a GPU); more in ARGS,
 # e.g. make reproduce ARGS="--folders ../shared/data/chest_xray_224". Finished runs are skipped on a rerun.
 PRESET ?= cpu
 reproduce: $(VENV)/.stamp

@@ -207,7 +207,10 @@ def wall_min(rs):
 
 
 def proj_dim(r):
-    """D, the width of the projection z of a run (its --proj-dim, else the method file's default)."""
+    """D, the width of the projection z of a run: what its recipe says (the Args it ran with), else its --proj-dim,
+    else the method file's default now (records from before recipes were kept)."""
+    if "proj_dim" in r.get("recipe", {}):
+        return r["recipe"]["proj_dim"]
     words = r["config"].split()
     if "--proj-dim" in words:
         return int(words[words.index("--proj-dim") + 1])
@@ -359,7 +362,7 @@ def write_results(records, datasets, cfg, cli, wall):
              "label-efficient).",
              "- " + ANCHORS]
     for m, flags in cfg.get("method_flags", {}).items():  # each run's full command is in the Runs table
-        lines.append(f"- {NAMES[m]}'s own settings, chosen on the val split (results/NOTES.md): "
+        lines.append(f"- {NAMES[m]}'s own settings, chosen on the val split (results/RECIPES.md): "
                      + "; ".join(f"{k}: `{' '.join(v)}`" for k, v in (flags.items() if isinstance(flags, dict)
                                                                        else [("every dataset", flags)])))
     reasons = {}  # the same failure (ImageNet weights offline) is listed once, with every run it stopped
@@ -526,7 +529,12 @@ def figures(records, datasets, out):
 
     # 3. 2-D embedding (PCA) of the test features, coloured by class, lowest seed of each model
     models = [m for m in BASELINES + METHODS if any((m, d) in first for d in datasets)]
-    if not models:  # nothing finished yet
+    if not models:  # nothing finished yet: a figure that says so, never one left from other records
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.text(0.5, 0.5, "no finished run yet", ha="center", va="center", color="gray")
+        ax.set_axis_off()
+        fig.savefig(os.path.join(out, "embedding.png"), dpi=80)
+        plt.close(fig)
         return
     fig, axes = plt.subplots(len(datasets), len(models), figsize=(2.3 * len(models), 2.3 * len(datasets)),
                              squeeze=False)

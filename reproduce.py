@@ -2,7 +2,7 @@
 evaluation protocol; one record per run (results/runs/*.json), then the report (report.py: RESULTS.md, figures).
 
 Run:
-    python reproduce.py --preset cpu --part 1/13          # a 2-core CPU: 28 px, full splits, 13 parts of <= 100 min
+    python reproduce.py --preset cpu --part 1/14          # a 2-core CPU: 28 px, full splits, 14 parts of <= 100 min
     python reproduce.py --preset cpu --table-only         # the table from the committed results/runs/*.json
     python reproduce.py --preset paper                    # the full GPU study: ResNet-50, 224 px, 200 epochs, 3 seeds
     python reproduce.py --preset cpu --folders ../shared/data/chest_xray_224   # add folder datasets
@@ -38,25 +38,29 @@ import runs
 # method_flags: {method: flags, or {data entry: flags}}, '--option value' pairs that replace or extend one method's
 # command (its own --lr or --warmup-epochs, chosen on val); they enter the run's config hash, so only it reruns.
 # minutes: each run's estimated wall time on the 2-core CPU (per data entry and model), which --part uses to split
-# the study into parts of about equal time; parts: how many (each <= 100 min). Estimated 2026-12-02 from per-step
-# times of each method file on the 2-core CPU (pneumonia: 20.5 s per step of batch 256 for SimCLR, 27.0 BYOL, 19.5
-# Barlow; breast: 4.7 s per step of 64, 5.8 BYOL) plus evaluation; the cpu study then measured 605 min against
-# 968 estimated (results/RESULTS.md's Parts table). The estimates stay as they are: they fix the parts.
-MINUTES_CPU = {"pneumonia": {"random": 6, "supervised": 40, "imagenet": 0.5, "simclr": 70, "dclw": 70, "byol": 90,
-                             "simsiam": 70, "barlow": 67, "vicreg": 67},
-               "breast": {"random": 2, "supervised": 40, "imagenet": 0.5, "simclr": 69, "dclw": 69, "byol": 84,
-                          "simsiam": 69, "barlow": 69, "vicreg": 69}}
-PARTS_CPU = 13  # every SSL run takes 67-90 min alone, so one per part; the baselines fill the gaps
+# the study into parts of about equal time; parts: how many (each <= 100 min). Estimated 2026-12-05 for the rerun
+# with issue 30's recipes, from what ran on the 2-core VM: the first cpu study's runs (2026-12-02/03, with
+# evaluation and fine-tuning: pneumonia SimCLR 33 min, DCLW 33, SimSiam 35, BYOL 61, Barlow 63 on the slower AMD
+# VM, supervised 24; breast 37-65, supervised 18) and the recipe pilots (pneumonia, no fine-tuning, the AMD VM:
+# Barlow 23-30, VICReg 23-27, DCLW 31, BYOL 38-58, SimSiam 39-50; breast SimSiam 30). The estimates fix the parts.
+MINUTES_CPU = {"pneumonia": {"random": 5, "supervised": 30, "imagenet": 0.5, "simclr": 40, "dclw": 40, "byol": 55,
+                             "simsiam": 45, "barlow": 40, "vicreg": 40},
+               "breast": {"random": 3, "supervised": 25, "imagenet": 0.5, "simclr": 40, "dclw": 45, "byol": 55,
+                          "simsiam": 40, "barlow": 45, "vicreg": 45}}
+PARTS_CPU = 14  # 18 SSL runs on PneumoniaMNIST (3 seeds) and 6 on BreastMNIST, 40-55 min each: two per part (85 min)
+SEEDS_CPU = {"pneumonia": [0, 1, 2], "breast": [0]}  # the untrained backbone: 0, 1, 2 on both (paired by seed)
 PRESETS = {
     "cpu": dict(arch="resnet18", size=28, data=["pneumonia", "breast"],
                 epochs={"pneumonia": 10, "breast": 100}, batch_size={"pneumonia": 256, "breast": 64},
                 warmup_epochs={"pneumonia": 1, "breast": 10}, eval_every={"pneumonia": 5, "breast": 5},
-                finetune_epochs={"pneumonia": 1, "breast": 10}, seeds=[0], random_seeds=[0, 1, 2], train_subset=0,
+                finetune_epochs={"pneumonia": 1, "breast": 10}, seeds=SEEDS_CPU, random_seeds=[0, 1, 2], train_subset=0,
                 imagenet_size=224, jobs=1, parts=PARTS_CPU, minutes=MINUTES_CPU,
                 note="CPU preset: the study answered on a 2-core CPU. ResNet-18 at 28 px on the full train splits: "
                 "PneumoniaMNIST 10 epochs at batch 256 (18 steps each = 180 steps), BreastMNIST 100 epochs at batch "
-                "64 (8 steps each = 800 steps); one seed per method, the untrained backbone with seeds 0, 1, 2 (its "
-                "spread is the noise floor), the supervised baseline with the same epochs; fine-tune 1 / 10 epochs. "
+                "64 (8 steps each = 800 steps); the recipes of issue 30's search (results/RECIPES.md, chosen on val); "
+                "PneumoniaMNIST with seeds 0, 1, 2 for every method (paired by seed with the untrained backbone's), "
+                "BreastMNIST with seed 0 and the untrained backbone's 0, 1, 2 (its spread is the noise floor); the "
+                "supervised baseline with the same epochs; fine-tune 1 / 10 epochs. "
                 "Run in parts of <= 100 min (--part I/N), each committed as it finishes."),
     "gpu": dict(arch="resnet18", size=28, data=["pneumonia", "breast", "breast@64"],
                 epochs={"pneumonia": 200, "breast": 400, "breast@64": 200},
@@ -69,8 +73,10 @@ PRESETS = {
                 "BreastMNIST-64 linear AUC >= 0.90, 10% of the labels within 0.01 AUC of 100%."),
     "paper": dict(arch="resnet50", size=224, data=["pneumonia", "breast"], epochs=200, batch_size=256,
                   warmup_epochs=10, seeds=[0, 1, 2], train_subset=0, eval_every=10, finetune_epochs=20,
-                  imagenet_size=224, jobs=1, note="Paper preset: ResNet-50, 224 px, 200 epochs, full train splits, "
-                  "3 seeds (mean +- sample std). Meant for a GPU."),
+                  imagenet_size=224, jobs=1,
+                  method_flags={"barlow": ["--proj-dim", "8192"], "vicreg": ["--proj-dim", "8192"]},
+                  note="Paper preset: ResNet-50, 224 px, 200 epochs, full train splits, 3 seeds (mean +- sample "
+                  "std), the papers' projection widths. Meant for a GPU."),
 }
 # augmentation variants of the ablation (--ablate), SimCLR on PneumoniaMNIST-28, scored on the val split
 ABLATION = {"paper recipe (crop 0.08, jitter 0.4, blur)": ["--min-scale", "0.08", "--jitter", "0.4", "--blur", "1"],

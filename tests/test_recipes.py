@@ -44,12 +44,13 @@ def test_a_pilot_records_val_scores_only_and_is_not_rerun(tiny_pilots, tmp_path,
     recipes.run("tiny", str(out), str(runs_dir))
     assert os.path.getmtime(out / "recipes" / "tiny.json") == mtime
     # the same command under a changed default (the small-image jitter) is another recipe: it runs again
-    assert rec["recipe"]["jitter_strength"] == [0.8, 0.8, 0.8, 0.2] and rec["recipe"]["lr"] == 0.05
-    monkeypatch.setitem(common.AUGMENT["small"], "jitter", 0.4)
+    s = common.AUGMENT["small"]["jitter"]
+    assert rec["recipe"]["jitter_strength"] == [s, s, s, s / 4] and rec["recipe"]["lr"] == 0.05
+    monkeypatch.setitem(common.AUGMENT["small"], "jitter", s / 2)
     ran = []
     monkeypatch.setattr(recipes.runs, "run_child", lambda cmd, folder: ran.append(cmd) or (1, 0.0))
     recipes.run("tiny", str(out), str(runs_dir / "again"))
-    assert len(ran) == 1 and json.load(open(out / "recipes" / "tiny.json"))["recipe"]["jitter_strength"][0] == 0.4
+    assert len(ran) == 1 and json.load(open(out / "recipes" / "tiny.json"))["recipe"]["jitter_strength"][0] == s / 2
     monkeypatch.undo()
     json.dump(rec, open(out / "recipes" / "tiny.json", "w"))  # the first run's record, for the table below
 
@@ -71,12 +72,12 @@ def test_a_failed_pilot_says_why(tiny_pilots, tmp_path):
 
 def test_the_table_lists_the_committed_study_by_its_val_scores(tmp_path):
     """The study's committed records hold test scores too: the table must take their val_auc, never their auc."""
-    (tmp_path / "runs").mkdir()
+    (tmp_path / recipes.STUDY).mkdir(parents=True)
     (tmp_path / "recipes").mkdir()
     res = {k: {"auc": 0.1111, "val_auc": v} for k, v in (("linear", 0.9876), ("linear_10pct", 0.9543),
                                                          ("knn", 0.9321))}
     json.dump({"model": "random", "seed": 2, "status": "ok", "results": res},
-              open(tmp_path / "runs" / "cpu-random-pneumonia-28-s2.json", "w"))
+              open(tmp_path / recipes.STUDY / "cpu-random-pneumonia-28-s2.json", "w"))
     json.dump({"name": "p", "method": "barlow", "data": "pneumonia", "flags": ["--lr", "1"], "status": "ok",
                "val": {"linear": 0.5, "linear_10pct": 0.6, "knn": 0.7}, "loss": [3.0, 2.0],
                "z_std": [0.02, 0.01, 0.015], "wall_s": 60, "date": "2026-12-05T07:00", "machine": "m"},

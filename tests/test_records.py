@@ -15,7 +15,8 @@ import report
 import reproduce
 from conftest import ROOT
 
-RUNS = os.path.join(ROOT, "results", "runs")
+HISTORY = os.path.join(ROOT, "results", "history", "cpu-2026-12-03")  # the first cpu study, every run's record
+RUNS = os.path.join(HISTORY, "runs")
 SIMCLR = os.path.join(RUNS, "cpu-simclr-pneumonia-28-s0.json")
 FAILED = os.path.join(RUNS, "cpu-imagenet-pneumonia-28-s0.json")
 
@@ -26,8 +27,8 @@ def load(path):
 
 
 def test_every_committed_record_is_sound():
-    paths = glob.glob(os.path.join(RUNS, "*.json"))
-    assert paths
+    paths = glob.glob(os.path.join(ROOT, "results", "runs", "*.json")) + glob.glob(os.path.join(RUNS, "*.json"))
+    assert len(glob.glob(os.path.join(RUNS, "*.json"))) == 22  # the first study, whole
     for p in paths:
         assert report.check_record(p, load(p)) == [], p
 
@@ -87,11 +88,21 @@ def test_a_bad_record_is_named_with_its_field(what, make, field):
     assert any(field in p for p in problems), problems
 
 
+# the cpu preset the first study ran with (its records name it "cpu"): one seed per method, 13 parts by these minutes
+FIRST_CPU = {"seeds": [0], "parts": 13, "minutes": {
+    "pneumonia": {"random": 6, "supervised": 40, "imagenet": 0.5, "simclr": 70, "dclw": 70, "byol": 90, "simsiam": 70,
+                  "barlow": 67, "vicreg": 67},
+    "breast": {"random": 2, "supervised": 40, "imagenet": 0.5, "simclr": 69, "dclw": 69, "byol": 84, "simsiam": 69,
+               "barlow": 69, "vicreg": 69}}}
+
+
 @pytest.fixture
-def study(tmp_path):
-    """A copy of the committed cpu study's records and reading, whose table --table-only can rebuild."""
+def study(tmp_path, monkeypatch):
+    """A copy of the first cpu study's records and reading, whose table --table-only can rebuild (under the preset
+    it ran with)."""
     shutil.copytree(RUNS, tmp_path / "runs")
-    shutil.copy(os.path.join(ROOT, "results", "reading-cpu.md"), tmp_path)
+    shutil.copy(os.path.join(HISTORY, "reading-cpu.md"), tmp_path)
+    monkeypatch.setitem(reproduce.PRESETS, "cpu", {**reproduce.PRESETS["cpu"], **FIRST_CPU})
     return tmp_path
 
 

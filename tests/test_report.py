@@ -20,8 +20,9 @@ def test_mean_sd_text():
 
 def test_training_table():
     """Each SSL run's training row: loss first -> last with its minimum, val kNN first -> best -> last, z_std
-    against 1/sqrt(D) with D from --proj-dim or the method file's default; runs without curves give no row."""
-    barlow = {"model": "barlow", "data": "d", "seed": 0, "config": "barlow.py --data d",
+    against 1/sqrt(D) with D from the record's recipe, else --proj-dim, else the method file's default; runs
+    without curves give no row."""
+    barlow = {"model": "barlow", "data": "d", "seed": 0, "config": "barlow.py --data d", "recipe": {"proj_dim": 2048},
               "curves": {"epoch": [1, 2, 3], "loss": [5.0, 3.0, 4.0], "z_std": [0.01, 0.02, 0.03],
                          "knn_epoch": [1, 2, 3], "knn_auc": [0.6, 0.9, 0.8]}}
     simclr = {"model": "simclr", "data": "d", "seed": 1, "config": "simclr.py --proj-dim 64",
@@ -32,6 +33,7 @@ def test_training_table():
                     "| Barlow Twins | 0 | 5.000 → 4.000 (min 3.000, ep 2) | 0.600 (ep 1) → best 0.900 (ep 2) → 0.800 "
                     f"(ep 3); last − best -0.100 | 0.0100 → 0.0300 (1/√D = {2048 ** -0.5:.4f}) |"]
     assert report.proj_dim(simclr) == 64 and report.proj_dim({**simclr, "config": "simclr.py"}) == 256
+    assert report.proj_dim({**simclr, "recipe": {"proj_dim": 32}}) == 32  # what it ran with, whatever the default
     assert report.training([rand], "d") == [] and report.training([barlow], "other") == []
 
 
@@ -132,3 +134,16 @@ def test_short_reason_keeps_the_first_clause_for_the_readme():
     assert report.short_reason(offline) == "ImageNet weights for resnet18 not found"
     assert report.short_reason("exit code 3") == "exit code 3"
     assert report.short_reason("ValueError: bad --lr") == "ValueError: bad --lr"  # not a program's prefix
+
+
+def test_no_finished_run_leaves_no_embedding_of_other_records(tmp_path):
+    """A study whose records all moved away (the cpu rerun's start) must not keep the old runs' embedding.png: the
+    figure says that nothing has finished (planted: the early return that left the old file in place)."""
+    import matplotlib.image
+    rec = {"model": "random", "data": "d", "seed": 0, "status": "ok", "curves": {},
+           "results": {"embedding": {"xy": [[0.0, 0.0], [1.0, 1.0], [0.5, 0.2]], "y": [0, 1, 0]}}}
+    report.figures([rec], ["d"], str(tmp_path))
+    before = matplotlib.image.imread(tmp_path / "embedding.png").shape
+    report.figures([{**rec, "status": "pending"}], ["d"], str(tmp_path))
+    after = matplotlib.image.imread(tmp_path / "embedding.png").shape
+    assert before != after and after[:2] == (80, 320)  # 4 x 1 inches at 80 dpi: the "no finished run" figure
