@@ -157,9 +157,10 @@ def test_reproduce_parts_on_two_machines_make_one_study(tmp_path):
     assert "imagenet-pneumonia-28-s0" in run_keys(retry.stdout, "run"), retry.stdout[-2000:]
     other = machine("B", "--part", "2/2" if own == "1/2" else "1/2")
     assert not run_keys(other.stdout, "run") and "imagenet-pneumonia-28-s0" in run_keys(other.stdout, "skip")
-    # --part I alone takes N from the preset (13 parts for cpu), not 1 (planted: read as I/1, refused as 2/1)
+    # --part I alone takes N from the preset (its parts for cpu), not 1 (planted: read as I/1, refused as 2/1)
     alone = machine("B", "--part", "2")
-    assert alone.returncode == 0 and "part 2/13: " in alone.stdout, alone.stdout[-2000:] + alone.stderr[-2000:]
+    n = reproduce.PRESETS["cpu"]["parts"]
+    assert alone.returncode == 0 and f"part 2/{n}: " in alone.stdout, alone.stdout[-2000:] + alone.stderr[-2000:]
 
 
 def test_parts_balance_the_measured_minutes():
