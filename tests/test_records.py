@@ -11,12 +11,13 @@ import shutil
 
 import pytest
 
+import recipes
 import report
 import reproduce
 from conftest import ROOT
 
-HISTORY = os.path.join(ROOT, "results", "history", "cpu-2026-12-03")  # the first cpu study, every run's record
-RUNS = os.path.join(HISTORY, "runs")
+RUNS = os.path.join(ROOT, "results", recipes.STUDY)  # the first cpu study, every run's record (results/history/)
+HISTORY = os.path.dirname(RUNS)
 SIMCLR = os.path.join(RUNS, "cpu-simclr-pneumonia-28-s0.json")
 FAILED = os.path.join(RUNS, "cpu-imagenet-pneumonia-28-s0.json")
 
