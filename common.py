@@ -218,13 +218,20 @@ class ViewProbs:
 AUGMENT = {"small": dict(min_scale=0.2, jitter=0.4, blur=0), "large": dict(min_scale=0.08, jitter=0.4, blur=1)}
 
 
+def augment_settings(size, min_scale=0.0, jitter=-1.0, blur=-1, table=None):
+    """min_scale, jitter and blur from --min-scale, --jitter and --blur where given (> 0, >= 0, >= 0), else the
+    table's (AUGMENT's) values for the size (small: <= 64 px)."""
+    d = (table or AUGMENT)["small" if size <= 64 else "large"]
+    return dict(min_scale=min_scale or d["min_scale"], jitter=d["jitter"] if jitter < 0 else jitter,
+                blur=d["blur"] if blur < 0 else blur)
+
+
 def augmentation(size, views, min_scale=0.0, jitter=-1.0, blur=-1):
-    """The sample_params keywords of a run: the method's views, crop scale and jitter strength, from --min-scale,
-    --jitter and --blur where given (> 0, >= 0, >= 0), else AUGMENT's values for the size (small: <= 64 px)."""
-    d = AUGMENT["small" if size <= 64 else "large"]
-    s = d["jitter"] if jitter < 0 else jitter
-    views = tuple(dataclasses.replace(v, blur=v.blur if (d["blur"] if blur < 0 else blur) else 0.0) for v in views)
-    return dict(views=views, scale=(min_scale or d["min_scale"], 1.0), strength=(s, s, s, s / 4))
+    """The sample_params keywords of a run: the method's views, crop scale and jitter strength (augment_settings)."""
+    a = augment_settings(size, min_scale, jitter, blur)
+    s = a["jitter"]
+    views = tuple(dataclasses.replace(v, blur=v.blur if a["blur"] else 0.0) for v in views)
+    return dict(views=views, scale=(a["min_scale"], 1.0), strength=(s, s, s, s / 4))
 
 
 def sample_params(B, H, W, C, gen, views, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), strength=(0.4, 0.4, 0.4, 0.1)):

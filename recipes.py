@@ -125,7 +125,7 @@ def summary(results, curves):
 
 def run(name, out, runs_dir=os.path.join("runs", "recipes")):
     """Run one pilot in runs_dir/<name>/ (resumed if interrupted) and write its record to out/recipes/<name>.json;
-    skipped when that record holds the same command."""
+    skipped when that record holds the same command and recipe (reproduce.same_recipe)."""
     cmd = command(name)
     path = os.path.join(out, "recipes", f"{name}.json")
     try:  # every argument, defaults included: a default changed since reruns the pilot
@@ -134,9 +134,11 @@ def run(name, out, runs_dir=os.path.join("runs", "recipes")):
         recipe = None
     if os.path.exists(path):
         old = read_json(path)
-        if old.get("command") == " ".join(cmd) and old.get("recipe", recipe) == recipe:
+        why = "ran another command" if old.get("command") != " ".join(cmd) else reproduce.same_recipe(old, recipe)
+        if not why:
             print(f"[skip] {name}: committed in {path}", flush=True)
             return
+        print(f"[old ] {name}: {path} {why}; running it again", flush=True)
     folder = os.path.join(runs_dir, name)
     os.makedirs(folder, exist_ok=True)
     print(f"[run ] {name}: {' '.join(cmd)}", flush=True)

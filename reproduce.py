@@ -239,6 +239,17 @@ def recipe_change(old, new):
     return ", ".join(f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in keys[:5]) + more
 
 
+def same_recipe(old, recipe):
+    """None when `old` (a committed record, a run folder's run.json, a pilot's record) ran with `recipe`; else why
+    not, in a few words. One without "recipe" predates the recipe check (2026-12-05): what its script made of its
+    command then is unknown (a default may have changed since), so it is not taken for this recipe."""
+    if "recipe" not in old:
+        return "predates the recipe check (no \"recipe\")"
+    if old["recipe"] != recipe:
+        return f"ran with another recipe ({recipe_change(old['recipe'] or {}, recipe or {})})"
+    return None
+
+
 def json_path(out, preset, run):
     """Where a run's record is committed: results/runs/<preset>-<model>-<data>-s<seed>.json."""
     return os.path.join(out, "runs", f"{preset}-{run.name}.json")
@@ -267,11 +278,11 @@ def run_one(run, cli, run_it=True):
            "batch_size": cfg["batch_size"], "finetune_epochs": cfg["finetune_epochs"], "config": config,
            "config_hash": config_hash, "recipe": recipe(run), "estimate_min": cfg["estimate_min"], "part": cfg["part"]}
     old = committed(path, config_hash)
+    why = old is not None and same_recipe(old, rec["recipe"])  # the same command, but a default changed since?
     if old is None and os.path.exists(path):  # check_records found it sound
         print(f"[old ] {key}: {path} is of another configuration; not used (this run: {config_hash})", flush=True)
-    elif old is not None and old.get("recipe", rec["recipe"]) != rec["recipe"]:  # a script's default changed since
-        print(f"[old ] {key}: {path} ran with another recipe ({recipe_change(old['recipe'], rec['recipe'])}); not "
-              "used", flush=True)
+    elif why:
+        print(f"[old ] {key}: {path} {why}; not used", flush=True)
         old = None
     if old is not None and (old["status"] == "ok" or (old["status"] == "failed" and not run_it)):
         print(f"[skip] {key}: committed in {path} (same configuration)", flush=True)
@@ -280,15 +291,18 @@ def run_one(run, cli, run_it=True):
     folder = os.path.join(run.folder, f"{key}-{config_hash}")
     cmd = command(run, folder, cli.data_dir, cli.weights)
     done, info = os.path.join(folder, "results.json"), os.path.join(folder, "run.json")
-    ran_with = rec["recipe"]  # what a finished folder ran with, from its run.json (older folders do not say)
-    if os.path.exists(info):
-        with open(info) as f:
-            ran_with = json.load(f).get("recipe", ran_with)
-    if os.path.exists(done) and ran_with != rec["recipe"]:  # same command, but a script's default changed since
-        reason = (f"{folder} finished with another recipe ({recipe_change(ran_with, rec['recipe'])}): move it away "
-                  "to rerun this run")
-        print(f"[fail] {key}: {reason}", flush=True)
-        return {**rec, "status": "failed", "reason": reason}
+    if os.path.exists(done):  # a finished folder is reused only when its run.json says it ran with this recipe
+        try:
+            with open(info) as f:
+                ran = json.load(f)
+        except (OSError, ValueError):  # no run.json: killed between results.json and it, or an older medssl's
+            ran = None
+        why = (same_recipe(ran, rec["recipe"]) if isinstance(ran, dict)
+               else "its run.json is missing or unreadable, so what it ran with is unknown")
+        if why:
+            reason = f"{folder} finished but {why}: move it away to rerun this run"
+            print(f"[fail] {key}: {reason}", flush=True)
+            return {**rec, "status": "failed", "reason": reason}
     if os.path.exists(done):
         print(f"[skip] {key}: {done} exists (same configuration)", flush=True)
         rec["skipped"] = True

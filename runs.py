@@ -210,6 +210,18 @@ FREE_ON_RESUME = ("data", "data_dir", "out", "eval_every", "resume", "overwrite"
 # before it existed: a checkpoint without the field resumes when the run's value is that one (a method whose old
 # optimizer was SGD, SimSiam, has 'sgd' as its default; the others LARS).
 ADDED_FIELDS = {"optimizer": None, "bn": "joint"}  # None: the method file's own default is the old behaviour
+# The augmentation's defaults by image size (common.AUGMENT) are not Args fields, so a changed default (the recipe
+# search's jitter 0.8 -> 0.4) leaves the args alike: a checkpoint also keeps what its run's --min-scale, --jitter and
+# --blur resolved to. One without it was written before 2026-12-05, under the table of that day (AUGMENT_BEFORE).
+AUGMENT_BEFORE = {"small": dict(min_scale=0.2, jitter=0.8, blur=0), "large": dict(min_scale=0.08, jitter=0.4, blur=1)}
+
+
+def augment_of(args, table=None):
+    """common.augment_settings of a run's args under `table` (common.AUGMENT); {} for a script without them."""
+    keys = ("size", "min_scale", "jitter", "blur")
+    if not all(hasattr(args, k) for k in keys):
+        return {}
+    return common.augment_settings(*(getattr(args, k) for k in keys), table)
 
 
 def load_checkpoint(path, device="cpu", keys=("args", "model")):
@@ -229,15 +241,16 @@ def save_state(path, args, method, data_id, epoch, model, optimizer, scheduler, 
     both RNG streams), and the args and data identity that restore_state compares. torchrun: every rank calls it;
     rank 0's BN statistics go to every rank first (as DDP's broadcast_buffers), then rank 0 writes."""
     common.broadcast_buffers(model)
-    state = {"method": method, "args": dataclasses.asdict(args), "data_id": data_id, "epoch": epoch,
-             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "gen": gen.get_state(), "torch_rng": torch.get_rng_state()}
+    state = {"method": method, "args": dataclasses.asdict(args), "augment": augment_of(args), "data_id": data_id,
+             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state()}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def restore_state(path, args, method, data_id, model, optimizer, scheduler, gen, log_path):
     """With --resume and a checkpoint at path: load it into the objects and return its epoch, after checking that it
-    is this method's with the same configuration (every Args field but FREE_ON_RESUME, and the same data). Else 0.
+    is this method's with the same configuration (every Args field but FREE_ON_RESUME, the augmentation they resolve
+    to, and the same data). Else 0.
     The log keeps only the epochs the checkpoint contains (an epoch cut short is re-run)."""
     start = 0
     if args.resume and os.path.exists(path):
@@ -251,6 +264,12 @@ def restore_state(path, args, method, data_id, model, optimizer, scheduler, gen,
                  now[k] == (defaults[k] if old is None else old)}  # an older checkpoint, and this run does as it did
         diff = [f"{k}: {was.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(now) | set(was))
                 if k not in FREE_ON_RESUME and k not in older and was.get(k) != now.get(k)]
+        was_aug, now_aug = ckpt.get("augment", augment_of(args, AUGMENT_BEFORE)), augment_of(args)
+        was_aug = was_aug if isinstance(was_aug, dict) else {"augment": was_aug}
+        if all(was.get(k) == now.get(k) for k in ("size", "min_scale", "jitter", "blur")):  # the same flags, but
+            diff += [f"augmentation {k}: {was_aug.get(k)!r} in the checkpoint, {now_aug.get(k)!r} now (a default in "
+                     "common.AUGMENT changed since)" for k in sorted({*was_aug, *now_aug})
+                     if was_aug.get(k) != now_aug.get(k)]
         if ckpt["data_id"] != data_id:
             diff.append(f"data: {was.get('data')!r} (content {ckpt['data_id']}) in the checkpoint, {args.data!r} "
                         f"(content {data_id}) now")

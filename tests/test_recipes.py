@@ -51,6 +51,11 @@ def test_a_pilot_records_val_scores_only_and_is_not_rerun(tiny_pilots, tmp_path,
     monkeypatch.setattr(recipes.runs, "run_child", lambda cmd, folder: ran.append(cmd) or (1, 0.0))
     recipes.run("tiny", str(out), str(runs_dir / "again"))
     assert len(ran) == 1 and json.load(open(out / "recipes" / "tiny.json"))["recipe"]["jitter_strength"][0] == s / 2
+    monkeypatch.setitem(common.AUGMENT["small"], "jitter", s)
+    # a record from before recipes were kept: what it ran with is unknown, so it runs again (planted: the old rule)
+    json.dump({k: v for k, v in rec.items() if k != "recipe"}, open(out / "recipes" / "tiny.json", "w"))
+    recipes.run("tiny", str(out), str(runs_dir / "again"))
+    assert len(ran) == 2
     monkeypatch.undo()
     json.dump(rec, open(out / "recipes" / "tiny.json", "w"))  # the first run's record, for the table below
 

@@ -1,6 +1,7 @@
 """Careless use must end in a clear message or the documented behaviour, and nothing may be lost or mixed: argument
 checks, run folders (rerun, --overwrite, --resume with another config, stale temp files, interrupts, full disk),
 data (caches that notice their source changed, labels, 16-bit images, .npz paths) and file modes."""
+import argparse
 import dataclasses
 import json
 import os
@@ -585,3 +586,40 @@ def test_a_class_missing_from_val_or_test_is_named_with_its_count(tmp_path):
                                          r"is undefined") as w:
         dataset.load(str(tmp_path / "ds"), 16, str(tmp_path / "c"))
     assert any("no test image of class 'rare'" in str(x.message) for x in w)
+
+
+def test_resume_refuses_a_checkpoint_made_under_another_augmentation_default(tmp_path, monkeypatch):
+    """The small-image jitter is common.AUGMENT's, not an Args field: when that default changes, the args of an
+    interrupted run stay alike, and a resume would train the rest under the new recipe. The checkpoint keeps what
+    --min-scale / --jitter / --blur resolved to; a checkpoint from before it did was made under AUGMENT_BEFORE."""
+    import simclr
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    gen, path, log = torch.Generator(), str(tmp_path / "checkpoint.pt"), str(tmp_path / "metrics.jsonl")
+    args = simclr.Args(size=28, resume=True)
+    monkeypatch.setitem(common.AUGMENT["small"], "jitter", 0.4)
+    runs.save_state(path, args, "simclr", "data1", 3, model, opt, sched, gen)
+    assert torch.load(path, weights_only=True)["augment"] == {"min_scale": 0.2, "jitter": 0.4, "blur": 0}
+    assert runs.restore_state(path, args, "simclr", "data1", model, opt, sched, gen, log) == 3  # the same: resumes
+    monkeypatch.setitem(common.AUGMENT["small"], "jitter", 0.8)  # the default changes; the args do not
+    with pytest.raises(SystemExit, match=r"augmentation jitter: 0\.4 in the checkpoint, 0\.8 now"):
+        runs.restore_state(path, args, "simclr", "data1", model, opt, sched, gen, log)
+    # given on the command line, the jitter does not depend on the table: resumes (planted: comparing the tables)
+    runs.save_state(path, dataclasses.replace(args, jitter=0.4), "simclr", "data1", 3, model, opt, sched, gen)
+    assert runs.restore_state(path, dataclasses.replace(args, jitter=0.4), "simclr", "data1", model, opt, sched, gen,
+                              log) == 3
+    # another --jitter is named once, as the Args field it is, not again as a changed default
+    with pytest.raises(SystemExit) as e:
+        runs.restore_state(path, dataclasses.replace(args, jitter=0.3), "simclr", "data1", model, opt, sched, gen, log)
+    assert "jitter: 0.4 in the checkpoint, 0.3 now" in str(e.value) and "augmentation" not in str(e.value)
+    # a checkpoint without "augment" (before 2026-12-05): AUGMENT_BEFORE's jitter 0.8 at <= 64 px
+    ckpt = torch.load(path, weights_only=True)
+    ckpt.pop("augment")
+    ckpt["args"]["jitter"] = -1.0
+    torch.save(ckpt, path)
+    assert runs.restore_state(path, args, "simclr", "data1", model, opt, sched, gen, log) == 3  # AUGMENT: 0.8 now
+    monkeypatch.setitem(common.AUGMENT["small"], "jitter", 0.4)
+    with pytest.raises(SystemExit, match=r"augmentation jitter: 0\.8 in the checkpoint, 0\.4 now"):
+        runs.restore_state(path, args, "simclr", "data1", model, opt, sched, gen, log)
+    assert runs.augment_of(argparse.Namespace(size=28, seed=0)) == {}  # a script without augmentation flags

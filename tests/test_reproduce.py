@@ -246,7 +246,7 @@ def test_method_flags_change_only_the_named_method():
 def test_a_run_of_the_same_command_but_another_default_is_not_reused(tmp_path, monkeypatch, capsys):
     """identity() is the command; a default changed in a method file (here the small-image jitter) leaves it the
     same. recipe() sees the change, and neither a committed record nor a finished run folder of the old recipe is
-    reused; records from before recipes were kept (no "recipe") are reused by their command as before."""
+    reused; nor is one from before recipes were kept (no "recipe": what it ran with is unknown)."""
     import common
     import simclr
     cfg = dict(arch="resnet18", finetune_epochs=1, batch_size=256, subset=0, epochs=10, eval_every=5, warmup_epochs=1,
@@ -271,7 +271,9 @@ def test_a_run_of_the_same_command_but_another_default_is_not_reused(tmp_path, m
     assert rec["status"] == "pending" and rec["recipe"] == after  # not the old record: it would run again
     assert "ran with another recipe (jitter_strength" in capsys.readouterr().out
     json.dump({k: v for k, v in committed.items() if k != "recipe"}, open(path, "w"))  # a record from before recipes
-    assert reproduce.run_one(run, cli, run_it=False).get("committed")
+    rec = reproduce.run_one(run, cli, run_it=False)  # (planted: the old rule, reused by its command alone)
+    assert rec["status"] == "pending" and not rec.get("committed")
+    assert "predates the recipe check" in capsys.readouterr().out
     # a finished run folder of the old recipe (its run.json says so) is refused with one line, not reused
     os.remove(path)
     folder = tmp_path / "runs" / f"{run.name}-{digest}"
@@ -279,6 +281,15 @@ def test_a_run_of_the_same_command_but_another_default_is_not_reused(tmp_path, m
     json.dump({"knn": {}}, open(folder / "results.json", "w"))
     json.dump({"wall_s": 1.0, "command": config, "recipe": before}, open(folder / "run.json", "w"))
     rec = reproduce.run_one(run, cli, run_it=True)
-    assert rec["status"] == "failed" and rec["reason"].startswith(f"{folder} finished with another recipe")
+    assert rec["status"] == "failed" and rec["reason"].startswith(f"{folder} finished but ran with another recipe")
     json.dump({"wall_s": 1.0, "command": config, "recipe": after}, open(folder / "run.json", "w"))
     assert reproduce.run_one(run, cli, run_it=True)["status"] == "ok"  # its own recipe: reused
+    # a finished folder whose run.json is missing, unreadable or silent on the recipe: unknown, so refused
+    for content in (None, "{trunc", '{"wall_s": 1.0}', "[1, 2]"):
+        (folder / "run.json").unlink(missing_ok=True)
+        if content is not None:
+            (folder / "run.json").write_text(content)
+        rec = reproduce.run_one(run, cli, run_it=True)
+        assert rec["status"] == "failed" and rec["reason"].startswith(f"{folder} finished but "), content
+        says = "predates the recipe check" if content == '{"wall_s": 1.0}' else "run.json is missing or unreadable"
+        assert says in rec["reason"]
