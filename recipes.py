@@ -11,7 +11,7 @@ Run:
     python recipes.py barlow-sgd            # run these pilots (one after another), then rebuild RECIPES.md
     python recipes.py --table-only          # RECIPES.md from the committed records
     python recipes.py --agreement           # how alike the two views are at initialization, per augmentation
-A pilot whose record is committed with the same command and recipe (reproduce.resolve: every argument, defaults
+A pilot whose record is committed with the same command and recipe (records.resolve: every argument, defaults
 included) is never rerun; an interrupted one resumes (--resume).
 """
 import argparse
@@ -26,6 +26,7 @@ import torch
 
 import common
 import dataset
+import records
 import reproduce
 import runs
 
@@ -125,16 +126,16 @@ def summary(results, curves):
 
 def run(name, out, runs_dir=os.path.join("runs", "recipes")):
     """Run one pilot in runs_dir/<name>/ (resumed if interrupted) and write its record to out/recipes/<name>.json;
-    skipped when that record holds the same command and recipe (reproduce.same_recipe)."""
+    skipped when that record holds the same command and recipe (records.same_recipe)."""
     cmd = command(name)
     path = os.path.join(out, "recipes", f"{name}.json")
     try:  # every argument, defaults included: a default changed since reruns the pilot
-        recipe = reproduce.resolve(cmd)
+        recipe = records.resolve(cmd)
     except SystemExit:  # a bad flag (its line printed): the run fails on it too, and its record says why
         recipe = None
     if os.path.exists(path):
         old = read_json(path)
-        why = "ran another command" if old.get("command") != " ".join(cmd) else reproduce.same_recipe(old, recipe)
+        why = "ran another command" if old.get("command") != " ".join(cmd) else records.same_recipe(old, recipe)
         if not why:
             print(f"[skip] {name}: committed in {path}", flush=True)
             return

@@ -30,6 +30,7 @@ import time
 
 import common
 import dataset
+import records
 import report
 import runs
 
@@ -111,9 +112,9 @@ def check_method_flags(name, preset):
     """Refuse, before any run starts, a preset whose method_flags name no method, no data entry of the preset, or
     are not options of that method's file (parsed and range-checked by its own Args, as the run would be)."""
     for method, flags in preset.get("method_flags", {}).items():
-        if method not in report.METHODS:
+        if method not in records.METHODS:
             raise SystemExit(f"preset {name}: method_flags names '{method}': expected one of "
-                             f"{', '.join(report.METHODS)}")
+                             f"{', '.join(records.METHODS)}")
         for entry, argv in (flags.items() if isinstance(flags, dict) else [(None, flags)]):  # None: every entry
             if entry is not None and entry not in preset["data"]:
                 raise SystemExit(f"preset {name}: method_flags for {method} name data entry '{entry}': expected "
@@ -176,7 +177,7 @@ class Run:
 
     @property
     def name(self):  # '<model>-<data>-<size>-s<seed>', e.g. simclr-pneumonia-28-s0
-        return f"{self.model}-{report.data_name(self.data, self.size)}-s{self.seed}"
+        return f"{self.model}-{records.data_name(self.data, self.size)}-s{self.seed}"
 
 
 def command(run, out, data_dir="", weights=None):
@@ -188,7 +189,7 @@ def command(run, out, data_dir="", weights=None):
         common_args += ["--train-subset", str(cfg["subset"])]
     if data_dir:
         common_args += ["--data-dir", data_dir]
-    if run.model in report.METHODS:
+    if run.model in records.METHODS:
         cmd = py + [f"{run.model}.py", *common_args, "--epochs", str(cfg["epochs"]), "--eval-every",
                     str(cfg["eval_every"]), "--warmup-epochs", str(cfg["warmup_epochs"]), "--out", out,
                     *cfg.get("extra", [])]
@@ -210,44 +211,11 @@ def identity(run):
     return config, hashlib.sha1(config.encode()).hexdigest()[:8]
 
 
-MACHINE_ARGS = ("out", "data_dir", "weights", "resume", "overwrite")  # where a run writes and reads: not its recipe
-
-
 def recipe(run):
     """What the run's script makes of its command: every field of its Args, defaults included (less MACHINE_ARGS),
     and for a training script the augmentation they resolve to (common.augmentation of its VIEWS). The command alone
     (identity) misses a default changed in a method file since; run_one compares this too before reusing a run."""
-    return resolve(command(run, "")[2:])
-
-
-def resolve(cmd):
-    """recipe() of a command ['<script>.py', '--flag', 'value', ...] (recipes.py's pilots use it too)."""
-    module = importlib.import_module(cmd[0][:-3])
-    args = dataclasses.asdict(common.parse_args(module.Args, [a for a in cmd[1:] if a != "--resume"]))
-    out = {k: v for k, v in args.items() if k not in MACHINE_ARGS}
-    if hasattr(module, "VIEWS"):
-        aug = common.augmentation(args["size"], module.VIEWS, args["min_scale"], args["jitter"], args["blur"])
-        out.update(views=[dataclasses.asdict(v) for v in aug["views"]], crop_scale=list(aug["scale"]),
-                   jitter_strength=list(aug["strength"]))  # brightness, contrast, saturation, hue
-    return out
-
-
-def recipe_change(old, new):
-    """What differs between two recipes, as 'jitter 0.8 -> 0.4, bn joint -> per-view' (first five)."""
-    keys = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
-    more = ", ..." if len(keys) > 5 else ""
-    return ", ".join(f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in keys[:5]) + more
-
-
-def same_recipe(old, recipe):
-    """None when `old` (a committed record, a run folder's run.json, a pilot's record) ran with `recipe`; else why
-    not, in a few words. One without "recipe" predates the recipe check (2026-12-05): what its script made of its
-    command then is unknown (a default may have changed since), so it is not taken for this recipe."""
-    if "recipe" not in old:
-        return "predates the recipe check (no \"recipe\")"
-    if old["recipe"] != recipe:
-        return f"ran with another recipe ({recipe_change(old['recipe'] or {}, recipe or {})})"
-    return None
+    return records.resolve(command(run, "")[2:])
 
 
 def json_path(out, preset, run):
@@ -255,30 +223,19 @@ def json_path(out, preset, run):
     return os.path.join(out, "runs", f"{preset}-{run.name}.json")
 
 
-def committed(path, config_hash):
-    """The record committed at `path` when it is of this configuration (else None: absent, unreadable, or another
-    configuration, e.g. the preset's epochs changed since)."""
-    try:
-        with open(path) as f:
-            rec = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) and rec.get("config_hash") == config_hash else None
-
-
 def run_one(run, cli, run_it=True):
-    """Run (or skip) one Run. Returns its record (report.RECORD): results, curves, wall time, or the failure.
+    """Run (or skip) one Run. Returns its record (records.RECORD): results, curves, wall time, or the failure.
     A run whose record is committed (results/runs/*.json, same configuration) is never rerun: the record is
     returned as it is, so parts run on other machines make one study. run_it=False (a run of another --part, or
     --table-only) only reads what a committed record or a finished local run left; else the run is pending."""
     cfg, key, path = run.cfg, run.name, json_path(cli.out, cli.preset, run)
     config, config_hash = identity(run)
-    rec = {"model": run.model, "data": report.data_name(run.data, run.size), "seed": run.seed, "preset": cli.preset,
+    rec = {"model": run.model, "data": records.data_name(run.data, run.size), "seed": run.seed, "preset": cli.preset,
            "train_subset": cfg["subset"], "n_train": cfg["n_train"], "epochs": cfg["epochs"],
            "batch_size": cfg["batch_size"], "finetune_epochs": cfg["finetune_epochs"], "config": config,
            "config_hash": config_hash, "recipe": recipe(run), "estimate_min": cfg["estimate_min"], "part": cfg["part"]}
-    old = committed(path, config_hash)
-    why = old is not None and same_recipe(old, rec["recipe"])  # the same command, but a default changed since?
+    old = records.committed(path, config_hash)
+    why = old is not None and records.same_recipe(old, rec["recipe"])  # the same command, but a default changed since?
     if old is None and os.path.exists(path):  # check_records found it sound
         print(f"[old ] {key}: {path} is of another configuration; not used (this run: {config_hash})", flush=True)
     elif why:
@@ -297,7 +254,7 @@ def run_one(run, cli, run_it=True):
                 ran = json.load(f)
         except (OSError, ValueError):  # no run.json: killed between results.json and it, or an older medssl's
             ran = None
-        why = (same_recipe(ran, rec["recipe"]) if isinstance(ran, dict)
+        why = (records.same_recipe(ran, rec["recipe"]) if isinstance(ran, dict)
                else "its run.json is missing or unreadable, so what it ran with is unknown")
         if why:
             reason = f"{folder} finished but {why}: move it away to rerun this run"
@@ -363,7 +320,7 @@ def plan(cli, cfg, specs, n_parts):
         run_cfg = {**cfg, **{k: setting(cfg, k, spec) for k in PER_DATA}, "n_train": n_train,
                    "method_flags": {m: setting(per_method, m, spec) or [] for m in per_method},
                    "subset": cfg["train_subset"] if n_train and 0 < cfg["train_subset"] < n_train else 0}
-        datasets.append(report.data_name(data, size))
+        datasets.append(records.data_name(data, size))
         if cli.ablate:  # one SimCLR run per variant, each in its own runs folder
             todo += [Run("simclr", data, size, s, {**run_cfg, "extra": flags}, os.path.join(cli.runs, f"v{i}"))
                      for i, flags in enumerate(ABLATION.values()) for s in run_cfg["seeds"][:1]]
@@ -384,8 +341,8 @@ def main(argv=None):
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--data", nargs="*", help="MedMNIST flags, NAME@SIZE for another size (default: the preset's)")
     ap.add_argument("--folders", nargs="*", default=[], help="folder datasets in the paper's layout")
-    ap.add_argument("--methods", nargs="+", default=report.METHODS, choices=report.METHODS)
-    ap.add_argument("--baselines", nargs="*", default=report.BASELINES, choices=report.BASELINES)
+    ap.add_argument("--methods", nargs="+", default=records.METHODS, choices=records.METHODS)
+    ap.add_argument("--baselines", nargs="*", default=records.BASELINES, choices=records.BASELINES)
     ap.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
     ap.add_argument("--epochs", type=int, help="override the preset's epochs (every dataset)")
     ap.add_argument("--finetune-epochs", type=int, help="override the preset's fine-tune epochs")
@@ -439,7 +396,7 @@ def main(argv=None):
         cli.readme = "README.md" if cli.out == "results" and not cli.overrides and not cli.ablate else ""
     cli.runs = cli.runs or os.path.join("runs", f"{'ablation' if cli.ablate else 'reproduce'}-{cli.preset}")
     os.makedirs(os.path.join(cli.out, "runs"), exist_ok=True)
-    report.check_records(cli.out, cli.preset)
+    records.check_records(cli.out, cli.preset)
     t0 = time.time()
 
     todo, datasets, load = plan(cli, cfg, specs, n_parts)  # load: each part's estimated minutes
@@ -457,7 +414,7 @@ def main(argv=None):
         signal.signal(s, stop)
     pool = concurrent.futures.ThreadPoolExecutor(cli.jobs)  # threads only wait on their subprocess
     try:
-        records = list(pool.map(go, range(len(todo))))
+        recs = list(pool.map(go, range(len(todo))))
     except KeyboardInterrupt:
         keys = sorted(RUNNING.values())
         pool.shutdown(wait=True, cancel_futures=True)  # the children got SIGTERM; wait until they have exited
@@ -466,10 +423,10 @@ def main(argv=None):
         return 130
     pool.shutdown()
     if cli.ablate:
-        path = report.write_ablation(records, ABLATION, cli)
+        path = report.write_ablation(recs, ABLATION, cli)
     else:
-        path = report.write(records, datasets, cfg, cli, time.time() - t0)
-    failed = [r for r in records if r["status"] == "failed"]
+        path = report.write(recs, datasets, cfg, cli, time.time() - t0)
+    failed = [r for r in recs if r["status"] == "failed"]
     print(f"wrote {path} ({(time.time() - t0) / 60:.1f} min; {len(failed)} failed run(s))")
     return 1 if any(r["model"] != "imagenet" for r in failed) else 0
 

@@ -10,6 +10,7 @@ import types
 import numpy as np
 import pytest
 
+import records
 import report
 import reproduce
 import runs
@@ -180,7 +181,7 @@ def test_parts_balance_the_measured_minutes():
         assert max(load) <= 4 / 3 * best + 1e-9
     assert reproduce.assign_parts([1.0] * 7, 3)[0] == [0, 1, 2, 0, 1, 2, 0]
     cpu = reproduce.PRESETS["cpu"]
-    runs_min = [cpu["minutes"][d][m] for d in cpu["data"] for m in report.BASELINES + report.METHODS
+    runs_min = [cpu["minutes"][d][m] for d in cpu["data"] for m in records.BASELINES + records.METHODS
                 for _ in reproduce.setting(cpu, "random_seeds" if m == "random" else "seeds", d)]
     assert max(reproduce.assign_parts(runs_min, cpu["parts"])[1]) <= 100
 
@@ -266,7 +267,7 @@ def test_a_run_of_the_same_command_but_another_default_is_not_reused(tmp_path, m
     monkeypatch.setitem(common.AUGMENT["small"], "jitter", 0.4)  # the default changes; the command does not
     assert reproduce.identity(run) == (config, digest)
     after = reproduce.recipe(run)
-    assert reproduce.recipe_change(before, after) == "jitter_strength [0.8, 0.8, 0.8, 0.2] -> [0.4, 0.4, 0.4, 0.1]"
+    assert records.recipe_change(before, after) == "jitter_strength [0.8, 0.8, 0.8, 0.2] -> [0.4, 0.4, 0.4, 0.1]"
     rec = reproduce.run_one(run, cli, run_it=False)
     assert rec["status"] == "pending" and rec["recipe"] == after  # not the old record: it would run again
     assert "ran with another recipe (jitter_strength" in capsys.readouterr().out
