@@ -99,7 +99,7 @@ PILOTS = {
     # VICReg at width 128 with the jitter it gained from at 512 (vicreg-d512-j4), against vicreg-d512-j4
     "vicreg-d128-j4": ("vicreg", "pneumonia", ["--proj-dim", "128", "--jitter", "0.4"]),
     # both still below the untrained backbone on val (kNN by ~0.03). Barlow Twins gained on every val score at each
-    # halving of D so far (2048 -> 512 -> 128): the trend's next step. VICReg's loss sits on the variance hinge at
+    # narrowing of D so far (2048 -> 512 -> 128): the trend's next step. VICReg's loss sits on the variance hinge at
     # every width; every reference runs each view through the network alone (the official code, solo-learn's
     # training_step, lightly), and vicreg-pv diverged only at D = 2048, where the covariance term was 25x D = 128's
     "barlow-d64-j4": ("barlow", "pneumonia", ["--proj-dim", "64", "--jitter", "0.4"]),
