@@ -6,7 +6,6 @@ records.RECORD and checked before anything is run or written. Every number in th
     python reproduce.py --preset cpu --table-only      # rebuild RESULTS.md, the README block and the figures
 """
 import datetime
-import importlib
 import math
 import os
 import re
@@ -96,14 +95,13 @@ def wall_min(rs):
 
 
 def proj_dim(r):
-    """D, the width of the projection z of a run: what its recipe says (the Args it ran with), else its --proj-dim,
-    else the method file's default now (records from before recipes were kept)."""
+    """D, the width of the projection z of a run: what its recipe says (the Args it ran with), else its --proj-dim;
+    None for a record from before recipes were kept that does not name it (the method file's default then may not
+    be today's: Barlow Twins' and VICReg's went from 2048 to 128)."""
     if "proj_dim" in r.get("recipe", {}):
         return r["recipe"]["proj_dim"]
     words = r["config"].split()
-    if "--proj-dim" in words:
-        return int(words[words.index("--proj-dim") + 1])
-    return importlib.import_module(r["model"]).Args.proj_dim
+    return int(words[words.index("--proj-dim") + 1]) if "--proj-dim" in words else None
 
 
 def training(ok, d):
@@ -119,7 +117,9 @@ def training(ok, d):
         knn_cell = (f"{knn[0][1]:.3f} (ep {knn[0][0]}) → best {best[1]:.3f} (ep {best[0]}) → {knn[-1][1]:.3f} "
                     f"(ep {knn[-1][0]}); last − best {knn[-1][1] - best[1]:+.3f}") if knn else "–"
         z = [v for v in c.get("z_std", []) if v is not None]
-        z_cell = f"{z[0]:.4f} → {z[-1]:.4f} (1/√D = {proj_dim(r) ** -0.5:.4f})" if z else "not recorded"
+        D = proj_dim(r)
+        z_cell = (f"{z[0]:.4f} → {z[-1]:.4f} " + (f"(1/√D = {D ** -0.5:.4f})" if D else "(D not recorded)")
+                  if z else "not recorded")
         low, low_epoch = min(zip(c["loss"], c["epoch"]))  # the lowest epoch-mean loss and its (first) epoch
         lines.append(f"| {NAMES[r['model']]} | {r['seed']} | {c['loss'][0]:.3f} → {c['loss'][-1]:.3f} "
                      f"(min {low:.3f}, ep {low_epoch}) | {knn_cell} | {z_cell} |")

@@ -20,8 +20,8 @@ def test_mean_sd_text():
 
 def test_training_table():
     """Each SSL run's training row: loss first -> last with its minimum, val kNN first -> best -> last, z_std
-    against 1/sqrt(D) with D from the record's recipe, else --proj-dim, else the method file's default; runs
-    without curves give no row."""
+    against 1/sqrt(D) with D from the record's recipe, else --proj-dim, else not at all (a record from before
+    recipes: its method file's default then may not be today's); runs without curves give no row."""
     barlow = {"model": "barlow", "data": "d", "seed": 0, "config": "barlow.py --data d", "recipe": {"proj_dim": 2048},
               "curves": {"epoch": [1, 2, 3], "loss": [5.0, 3.0, 4.0], "z_std": [0.01, 0.02, 0.03],
                          "knn_epoch": [1, 2, 3], "knn_auc": [0.6, 0.9, 0.8]}}
@@ -32,7 +32,9 @@ def test_training_table():
     assert rows == ["| SimCLR | 1 | 2.000 → 2.000 (min 2.000, ep 1) | – | not recorded |",
                     "| Barlow Twins | 0 | 5.000 → 4.000 (min 3.000, ep 2) | 0.600 (ep 1) → best 0.900 (ep 2) → 0.800 "
                     f"(ep 3); last − best -0.100 | 0.0100 → 0.0300 (1/√D = {2048 ** -0.5:.4f}) |"]
-    assert report.proj_dim(simclr) == 64 and report.proj_dim({**simclr, "config": "simclr.py"}) == 256
+    assert report.proj_dim(simclr) == 64 and report.proj_dim({**simclr, "config": "simclr.py"}) is None
+    old = {**barlow, "recipe": {}}  # (planted: today's default, 128, drawn for a run of D = 2048)
+    assert report.training([old], "d")[-1].endswith("| 0.0100 → 0.0300 (D not recorded) |")
     assert report.proj_dim({**simclr, "recipe": {"proj_dim": 32}}) == 32  # what it ran with, whatever the default
     assert report.training([rand], "d") == [] and report.training([barlow], "other") == []
 
