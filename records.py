@@ -14,8 +14,9 @@ import json
 import os
 
 import common
-METHODS = ["simclr", "dclw", "byol", "simsiam", "barlow", "vicreg"]
-BASELINES = ["random", "supervised", "imagenet"]
+
+METHODS = ["simclr", "dclw", "byol", "simsiam", "barlow", "vicreg"]  # a record's model: a method file, or
+BASELINES = ["random", "supervised", "imagenet"]  # a baseline (evaluate.py --init random / imagenet, supervised.py)
 
 
 def data_name(data, size):
@@ -141,7 +142,10 @@ MACHINE_ARGS = ("out", "data_dir", "weights", "resume", "overwrite")  # where a 
 
 
 def resolve(cmd):
-    """recipe() of a command ['<script>.py', '--flag', 'value', ...] (recipes.py's pilots use it too)."""
+    """What a script makes of a command ['<script>.py', '--flag', 'value', ...]: every field of its Args, defaults
+    included (less MACHINE_ARGS), and for a training script the augmentation they resolve to (common.augmentation of
+    its VIEWS), e.g. {'lr': 0.3, ..., 'jitter_strength': [0.4, 0.4, 0.4, 0.1]}. reproduce.recipe(run) and the pilots'
+    records keep it: the command alone misses a default changed in a method file since."""
     module = importlib.import_module(cmd[0][:-3])
     args = dataclasses.asdict(common.parse_args(module.Args, [a for a in cmd[1:] if a != "--resume"]))
     out = {k: v for k, v in args.items() if k not in MACHINE_ARGS}

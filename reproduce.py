@@ -212,9 +212,8 @@ def identity(run):
 
 
 def recipe(run):
-    """What the run's script makes of its command: every field of its Args, defaults included (less MACHINE_ARGS),
-    and for a training script the augmentation they resolve to (common.augmentation of its VIEWS). The command alone
-    (identity) misses a default changed in a method file since; run_one compares this too before reusing a run."""
+    """What the run's script makes of its command (records.resolve). The command alone (identity) misses a default
+    changed in a method file since; run_one compares this too before reusing a run (records.same_recipe)."""
     return records.resolve(command(run, "")[2:])
 
 
