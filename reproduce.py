@@ -376,9 +376,10 @@ def main(argv=None):
     try:
         part, n_parts = (int(x) for x in (cli.part if "/" in cli.part else f"{cli.part}/{cfg.get('parts', 1)}")
                          .split("/"))
-        assert 1 <= part <= n_parts
-    except (ValueError, AssertionError):
-        raise SystemExit(f"--part {cli.part}: expected I/N with 1 <= I <= N, e.g. 1/2") from None
+    except ValueError:
+        part = n_parts = 0
+    if not 1 <= part <= n_parts:  # (not an assert: python -O drops those)
+        raise SystemExit(f"--part {cli.part}: expected I/N with 1 <= I <= N, e.g. 1/2")
     cli.part = f"{part}/{n_parts}"
     for key in ("jobs", "epochs", "finetune_epochs", "train_subset", "batch_size"):
         if getattr(cli, key) is not None and getattr(cli, key) < (1 if key in ("jobs", "epochs", "batch_size") else 0):

@@ -294,3 +294,17 @@ def test_a_run_of_the_same_command_but_another_default_is_not_reused(tmp_path, m
         assert rec["status"] == "failed" and rec["reason"].startswith(f"{folder} finished but "), content
         says = "predates the recipe check" if content == '{"wall_s": 1.0}' else "run.json is missing or unreadable"
         assert says in rec["reason"]
+
+
+@pytest.mark.parametrize("part", ["0/14", "15/14", "1/0", "3/-1", "a/b", "1/14/2", "2/"])
+def test_a_bad_part_is_one_line(part, tmp_path):
+    with pytest.raises(SystemExit, match=f"^--part {re.escape(part)}: expected I/N with 1 <= I <= N"):
+        reproduce.main(["--preset", "cpu", "--table-only", "--part", part, "--out", str(tmp_path)])
+    assert not (tmp_path / "RESULTS.md").exists()
+
+
+def test_the_part_check_holds_under_python_O(tmp_path):
+    """The range check was an assert, which python -O drops: --part 15/14 then ran as a part of its own."""
+    r = subprocess.run([sys.executable, "-O", "reproduce.py", "--preset", "cpu", "--table-only", "--part", "15/14",
+                        "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode != 0 and "--part 15/14: expected I/N" in r.stderr and "Traceback" not in r.stderr
