@@ -104,6 +104,10 @@ PILOTS = {
     # training_step, lightly), and vicreg-pv diverged only at D = 2048, where the covariance term was 25x D = 128's
     "barlow-d64-j4": ("barlow", "pneumonia", ["--proj-dim", "64", "--jitter", "0.4"]),
     "vicreg-d128-j4-pv": ("vicreg", "pneumonia", ["--proj-dim", "128", "--jitter", "0.4", "--bn", "per-view"]),
+    # vicreg-d128-j4-pv beat joint BN on every val score (adopted): the same recipe where val is not saturated, and
+    # the same lever on Barlow Twins at its adopted width (per-view BN was tried on it only with SGD at D = 2048)
+    "vicreg-d128-j4-pv-breast": ("vicreg", "breast", ["--proj-dim", "128", "--jitter", "0.4", "--bn", "per-view"]),
+    "barlow-d128-j4-pv": ("barlow", "pneumonia", ["--proj-dim", "128", "--jitter", "0.4", "--bn", "per-view"]),
 }
 SCORES = [("linear", "linear"), ("linear_10pct", "linear 10%"), ("knn", "kNN")]  # results.json key -> column
 # the first cpu study's records (its recipes, before this search adopted any), relative to the output folder: the

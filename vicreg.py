@@ -42,7 +42,7 @@ class Args:
     batch_size: int = 256  # images per step (each gives two views)
     lr: float = 0.3  # learning rate for a batch of 256, scaled linearly (LARS: solo-learn's CIFAR recipe)
     optimizer: str = "lars"  # lars (layer-wise trust ratio; biases and norms plain) or sgd (momentum 0.9)
-    bn: str = "joint"  # batch-norm statistics: joint (both views as one batch) or per-view (each view alone)
+    bn: str = "per-view"  # batch-norm statistics: per-view (each view alone, as the official code) or joint (one batch)
     weight_decay: float = 1e-4  # L2 on weight matrices (LARS leaves biases and norm layers alone)
     warmup_epochs: int = 10  # linear LR warmup before the cosine decay
     seed: int = 0  # seeds the model init, the batch order and every augmentation parameter
