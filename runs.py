@@ -214,14 +214,14 @@ ADDED_FIELDS = {"optimizer": None, "bn": "joint"}  # None: the method file's own
 # search's jitter 0.8 -> 0.4) leaves the args alike: a checkpoint also keeps what its run's --min-scale, --jitter and
 # --blur resolved to. One without it was written before 2026-12-05, under the table of that day (AUGMENT_BEFORE).
 AUGMENT_BEFORE = {"small": dict(min_scale=0.2, jitter=0.8, blur=0), "large": dict(min_scale=0.08, jitter=0.4, blur=1)}
+AUGMENT_ARGS = ("size", "min_scale", "jitter", "blur")  # the Args fields common.augment_settings resolves
 
 
 def augment_of(args, table=None):
     """common.augment_settings of a run's args under `table` (common.AUGMENT); {} for a script without them."""
-    keys = ("size", "min_scale", "jitter", "blur")
-    if not all(hasattr(args, k) for k in keys):
+    if not all(hasattr(args, k) for k in AUGMENT_ARGS):
         return {}
-    return common.augment_settings(*(getattr(args, k) for k in keys), table)
+    return common.augment_settings(*(getattr(args, k) for k in AUGMENT_ARGS), table)
 
 
 def load_checkpoint(path, device="cpu", keys=("args", "model")):
@@ -266,7 +266,7 @@ def restore_state(path, args, method, data_id, model, optimizer, scheduler, gen,
                 if k not in FREE_ON_RESUME and k not in older and was.get(k) != now.get(k)]
         was_aug, now_aug = ckpt.get("augment", augment_of(args, AUGMENT_BEFORE)), augment_of(args)
         was_aug = was_aug if isinstance(was_aug, dict) else {"augment": was_aug}
-        if all(was.get(k) == now.get(k) for k in ("size", "min_scale", "jitter", "blur")):  # the same flags, but
+        if all(was.get(k) == now.get(k) for k in AUGMENT_ARGS):  # the same flags, but
             diff += [f"augmentation {k}: {was_aug.get(k)!r} in the checkpoint, {now_aug.get(k)!r} now (a default in "
                      "common.AUGMENT changed since)" for k in sorted({*was_aug, *now_aug})
                      if was_aug.get(k) != now_aug.get(k)]
