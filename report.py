@@ -156,6 +156,56 @@ def summary(ok, d):
     return lines
 
 
+def targets(records, d, goal):
+    """The preset's targets for dataset d (goal: over_untrained, best, best_1pct, floor {model: AUC}; test split,
+    linear probe) against the records, one row each: what was measured and 'met' / 'missed' once every run the
+    target needs has finished (a failed run misses it), else 'open (k of n runs)'. Collapse is checked per run: z_std
+    must stay above half of its epoch-1 value."""
+    mine = [r for r in records if r["data"] == d]
+    ok = [r for r in mine if r["status"] == "ok"]
+    ssl = [r for r in mine if r["model"] in METHODS]
+
+    def status(needed, holds):
+        done = sum(r["status"] != "pending" for r in needed)
+        if done < len(needed):
+            return f"open ({done} of {len(needed)} runs)"
+        return "met" if holds and all(r["status"] == "ok" for r in needed) else "missed"
+
+    rows, means = [], {}
+    for m in [m for m in METHODS if any(r["model"] == m for r in mine)]:
+        runs_m = [r for r in mine if r["model"] == m]
+        seeds = {r["seed"] for r in runs_m}
+        base = {r["seed"]: r["results"]["linear"]["auc"] for r in ok if r["model"] == "random"}
+        diffs = [r["results"]["linear"]["auc"] - base[r["seed"]] for r in ok if r["model"] == m and r["seed"] in base]
+        needed = runs_m + [r for r in mine if r["model"] == "random" and r["seed"] in seeds]
+        means[m] = mean_auc(ok, d, m, "linear")
+        if "over_untrained" in goal:
+            gain = sum(diffs) / len(diffs) if diffs else None
+            gap = f" + {goal['over_untrained']:.2f}" if goal["over_untrained"] else ""
+            rows.append((f"{NAMES[m]}: linear 100% ≥ the untrained backbone{gap} (mean over paired seeds)",
+                         paired_delta(ok, d, m, "linear"),
+                         status(needed, gain is not None and gain >= goal["over_untrained"])))
+        if m in goal.get("floor", {}):
+            rows.append((f"{NAMES[m]}: linear 100% ≥ {goal['floor'][m]:.3f}", "–" if means[m] is None else
+                         f"{means[m]:.3f}", status(runs_m, means[m] is not None and means[m] >= goal["floor"][m])))
+    for key, proto, name in (("best", "linear", "linear 100%"), ("best_1pct", "linear_1pct", "linear 1%")):
+        if key in goal:
+            aucs = {m: mean_auc(ok, d, m, proto) for m in means}
+            aucs = {m: v for m, v in aucs.items() if v is not None}
+            best = max(aucs, key=aucs.get) if aucs else None
+            rows.append((f"best SSL method: {name} ≥ {goal[key]:.3f}", f"{NAMES[best]} {aucs[best]:.3f}" if best
+                         else "–", status(ssl, best is not None and aucs[best] >= goal[key])))
+    zs = [(min(z) / z[0], r) for r in ok if r["model"] in METHODS
+          for z in [[v for v in r.get("curves", {}).get("z_std", []) if v is not None]] if z and z[0] > 0]
+    low = min(zs, key=lambda t: t[0]) if zs else None
+    failed = [f"{NAMES[r['model']]} s{r['seed']} failed" for r in ssl if r["status"] == "failed"]
+    rows.append(("no SSL run collapses or diverges: min z_std ≥ ½ × epoch 1's, no failed run", "; ".join(
+        ([f"{len(zs)} run{'s' * (len(zs) != 1)} checked, lowest min / epoch 1: {NAMES[low[1]['model']]} s{low[1]['seed']} {low[0]:.2f}"]
+         if low else []) + failed) or "–", status(ssl, not failed and (low is None or low[0] >= 0.5))))
+    return ["", "Targets (the preset's; test split; a target is open until every run it needs has finished):", "",
+            "| target | measured | status |", "|---|---|---|"] + [f"| {t} | {v} | {s} |" for t, v, s in rows]
+
+
 README_BEGIN, README_END = "<!-- results: begin (reproduce.py writes this block) -->", "<!-- results: end -->"
 
 
@@ -281,7 +331,8 @@ def write_results(records, datasets, cfg, cli, wall):
         n_train = next((r["n_train"] for r in records if r["data"] == d and r.get("n_train")), "")
         used = f"a seeded {r0['train_subset']}-image subset of" if r0["train_subset"] else "all"
         lines += [f"## {d}", "", f"Train images: {used} {n_train}".rstrip() + f"; {r0['epochs']} epochs at batch "
-                  f"{r0['batch_size']}; fine-tune {r0['finetune_epochs']} epochs.", ""] + summary(ok, d) + [
+                  f"{r0['batch_size']}; fine-tune {r0['finetune_epochs']} epochs.", ""] + summary(ok, d) + (
+                  targets(records, d, cfg["targets"][d]) if d in cfg.get("targets", {}) else []) + [
                   "", "| protocol | model | ACC | AUC | F1 (weighted) | chosen on val |",
                   "|---|---|---:|---:|---:|---|"]
         for proto, pname in PROTOCOLS:

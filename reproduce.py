@@ -50,12 +50,17 @@ MINUTES_CPU = {"pneumonia": {"random": 5, "supervised": 30, "imagenet": 0.5, "si
                           "simsiam": 40, "barlow": 45, "vicreg": 45}}
 PARTS_CPU = 14  # 18 SSL runs on PneumoniaMNIST (3 seeds) and 6 on BreastMNIST, 40-55 min each: two per part (85 min)
 SEEDS_CPU = {"pneumonia": [0, 1, 2], "breast": [0]}  # the untrained backbone: 0, 1, 2 on both (paired by seed)
+# What the rerun must show (issue 30; test split, linear probe): every SSL method's mean gain over the untrained
+# backbone of its seeds, the best method's AUC and its AUC at 1% of the labels, and the independent plain Barlow Twins
+# recipe's 0.945 at the same 180 steps. report.targets checks them (and collapse) against the records.
+TARGETS_CPU = {"pneumonia-28": dict(over_untrained=0.02, best=0.965, best_1pct=0.93, floor={"barlow": 0.945}),
+               "breast-28": dict(over_untrained=0.0, best=0.90)}
 PRESETS = {
     "cpu": dict(arch="resnet18", size=28, data=["pneumonia", "breast"],
                 epochs={"pneumonia": 10, "breast": 100}, batch_size={"pneumonia": 256, "breast": 64},
                 warmup_epochs={"pneumonia": 1, "breast": 10}, eval_every={"pneumonia": 5, "breast": 5},
                 finetune_epochs={"pneumonia": 1, "breast": 10}, seeds=SEEDS_CPU, random_seeds=[0, 1, 2], train_subset=0,
-                imagenet_size=224, jobs=1, parts=PARTS_CPU, minutes=MINUTES_CPU,
+                imagenet_size=224, jobs=1, parts=PARTS_CPU, minutes=MINUTES_CPU, targets=TARGETS_CPU,
                 note="CPU preset: the study answered on a 2-core CPU. ResNet-18 at 28 px on the full train splits: "
                 "PneumoniaMNIST 10 epochs at batch 256 (18 steps each = 180 steps), BreastMNIST 100 epochs at batch "
                 "64 (8 steps each = 800 steps); the recipes of issue 30's search (results/RECIPES.md, chosen on val); "

@@ -149,3 +149,38 @@ def test_no_finished_run_leaves_no_embedding_of_other_records(tmp_path):
     report.figures([{**rec, "status": "pending"}], ["d"], str(tmp_path))
     after = matplotlib.image.imread(tmp_path / "embedding.png").shape
     assert before != after and after[:2] == (80, 320)  # 4 x 1 inches at 80 dpi: the "no finished run" figure
+
+
+def test_targets_rows_measured_and_met_missed_or_open():
+    """Each target's row: the measured value, 'open (k of n runs)' while a run it needs has not run, then met or
+    missed; a failed run misses every target that needs it; collapse is the lowest min(z_std) / z_std at epoch 1."""
+    def rec(m, s, auc, status="ok", z=(0.05, 0.04)):
+        r = {"model": m, "data": "d", "seed": s, "status": status}
+        if status == "ok":
+            r.update(results={"linear": {"auc": auc}, "linear_1pct": {"auc": auc - 0.1}}, curves={"z_std": list(z)})
+        return r
+    goal = dict(over_untrained=0.02, best=0.95, best_1pct=0.9, floor={"barlow": 0.9})
+    records = [rec("random", 0, 0.90), rec("random", 1, 0.92), rec("simclr", 0, 0.935), rec("simclr", 1, 0.935),
+               rec("byol", 0, 0.95), rec("byol", 1, None, "pending"), rec("barlow", 0, None, "failed"),
+               rec("barlow", 1, 0.96, z=(0.04, 0.01, 0.03))]
+    rows = [ln for ln in report.targets(records, "d", goal) if ln.startswith("| ") and "status" not in ln]
+    assert rows == [
+        "| SimCLR: linear 100% ≥ the untrained backbone + 0.02 (mean over paired seeds) | +0.025 ± 0.014 (2 seeds) "
+        "| met |",
+        "| BYOL: linear 100% ≥ the untrained backbone + 0.02 (mean over paired seeds) | +0.050 (1 seed) "
+        "| open (3 of 4 runs) |",
+        "| Barlow Twins: linear 100% ≥ the untrained backbone + 0.02 (mean over paired seeds) | +0.040 (1 seed) "
+        "| missed |",
+        "| Barlow Twins: linear 100% ≥ 0.900 | 0.960 | missed |",
+        "| best SSL method: linear 100% ≥ 0.950 | Barlow Twins 0.960 | open (5 of 6 runs) |",
+        "| best SSL method: linear 1% ≥ 0.900 | Barlow Twins 0.860 | open (5 of 6 runs) |",
+        "| no SSL run collapses or diverges: min z_std ≥ ½ × epoch 1's, no failed run | 4 runs checked, lowest "
+        "min / epoch 1: Barlow Twins s1 0.25; Barlow Twins s0 failed | open (5 of 6 runs) |"]
+    # every run finished, none failed, nothing fell below half its start: the measured values decide
+    done = records[:5] + [rec("byol", 1, 0.97), rec("barlow", 0, 0.88), rec("barlow", 1, 0.96, z=(0.04, 0.021))]
+    rows = [ln.rsplit(" | ", 1)[1] for ln in report.targets(done, "d", goal)[5:]]
+    assert rows == ["met |", "met |", "missed |", "met |", "met |", "missed |", "met |"]
+    low = [rec("random", 0, 0.9), rec("simclr", 0, 0.99, z=(0.04, 0.019))]  # below half: a collapse
+    assert report.targets(low, "d", {})[-1].endswith("SimCLR s0 0.47 | missed |")
+    plain = report.targets([rec("random", 0, 0.9), rec("simclr", 0, 0.89)], "d", dict(over_untrained=0.0))
+    assert "| SimCLR: linear 100% ≥ the untrained backbone (mean over paired seeds) | -0.010 (1 seed) | missed |" in plain
