@@ -1,5 +1,6 @@
 """report.py: the table cells (mean ± sd, bootstrap interval, seed-paired differences), the training rows, RESULTS.md's
-and the README block's tables on two datasets with every cell written out by hand, and the ablation table."""
+and the README block's tables on two datasets with every cell written out by hand, the ablation table, and the
+preset's targets (met, missed or open)."""
 import argparse
 import statistics
 
