@@ -239,11 +239,11 @@ def run_one(run, cli, run_it=True):
            "batch_size": cfg["batch_size"], "finetune_epochs": cfg["finetune_epochs"], "config": config,
            "config_hash": config_hash, "recipe": recipe(run), "estimate_min": cfg["estimate_min"], "part": cfg["part"]}
     old = records.committed(path, config_hash)
-    why = old is not None and records.same_recipe(old, rec["recipe"])  # the same command, but a default changed since?
+    changed = old is not None and records.same_recipe(old, rec["recipe"])  # the same command, a default changed since?
     if old is None and os.path.exists(path):  # check_records found it sound
         print(f"[old ] {key}: {path} is of another configuration; not used (this run: {config_hash})", flush=True)
-    elif why:
-        print(f"[old ] {key}: {path} {why}; not used", flush=True)
+    elif changed:
+        print(f"[old ] {key}: {path} {changed}; not used", flush=True)
         old = None
     if old is not None and (old["status"] == "ok" or (old["status"] == "failed" and not run_it)):
         print(f"[skip] {key}: committed in {path} (same configuration)", flush=True)
