@@ -17,7 +17,7 @@ $(VENV)/.stamp: requirements.txt
 venv: $(VENV)/.stamp
 
 test: $(VENV)/.stamp
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests  # the 15 slowest: the suite should stay under ~10 min on 2 cores
 
 # --resume: a second `make run` continues (or, when finished, re-evaluates) the same run instead of refusing its folder
 run: $(VENV)/.stamp
