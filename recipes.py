@@ -108,6 +108,11 @@ PILOTS = {
     # the same lever on Barlow Twins at its adopted width (per-view BN was tried on it only with SGD at D = 2048)
     "vicreg-d128-j4-pv-breast": ("vicreg", "breast", ["--proj-dim", "128", "--jitter", "0.4", "--bn", "per-view"]),
     "barlow-d128-j4-pv": ("barlow", "pneumonia", ["--proj-dim", "128", "--jitter", "0.4", "--bn", "per-view"]),
+    # per-view BN lowered Barlow Twins (barlow-d128-j4-pv). Its redundancy term is weak at D = 128: with
+    # c_ij ~ 1/sqrt(B) from the finite batch alone, its floor is lambda D^2 / B against D for the invariance term, a
+    # ratio of lambda D / B = 0.0026 at the paper's lambda (0.0051), D = 128, B = 256, against the paper's 0.0204
+    # (D = 8192, B = 2048); lambda 0.04 restores that ratio
+    "barlow-d128-j4-l04": ("barlow", "pneumonia", ["--proj-dim", "128", "--jitter", "0.4", "--lambd", "0.04"]),
 }
 SCORES = [("linear", "linear"), ("linear_10pct", "linear 10%"), ("knn", "kNN")]  # results.json key -> column
 # the first cpu study's records (its recipes, before this search adopted any), relative to the output folder: the

@@ -199,9 +199,10 @@ def targets(records, d, goal):
           for z in [[v for v in r.get("curves", {}).get("z_std", []) if v is not None]] if z and z[0] > 0]
     low = min(zs, key=lambda t: t[0]) if zs else None
     failed = [f"{NAMES[r['model']]} s{r['seed']} failed" for r in ssl if r["status"] == "failed"]
-    rows.append(("no SSL run collapses or diverges: min z_std ≥ ½ × epoch 1's, no failed run", "; ".join(
-        ([f"{len(zs)} run{'s' * (len(zs) != 1)} checked, lowest min / epoch 1: {NAMES[low[1]['model']]} s{low[1]['seed']} {low[0]:.2f}"]
-         if low else []) + failed) or "–", status(ssl, not failed and (low is None or low[0] >= 0.5))))
+    lowest = ([f"{len(zs)} run{'s' * (len(zs) != 1)} checked, lowest min / epoch 1: {NAMES[low[1]['model']]} "
+               f"s{low[1]['seed']} {low[0]:.2f}"] if low else [])
+    rows.append(("no SSL run collapses or diverges: min z_std ≥ ½ × epoch 1's, no failed run",
+                 "; ".join(lowest + failed) or "–", status(ssl, not failed and (low is None or low[0] >= 0.5))))
     return ["", "Targets (the preset's; test split; a target is open until every run it needs has finished):", "",
             "| target | measured | status |", "|---|---|---|"] + [f"| {t} | {v} | {s} |" for t, v, s in rows]
 
