@@ -54,12 +54,17 @@ def auc_cell(rs):
     return mean_sd_text([x["auc"] for x in rs])
 
 
-def paired_delta(ok, d, model, proto):
-    """Test AUC of `model` minus the untrained backbone's on the same seeds: '+0.012 ± 0.004 (3 seeds)'."""
+def paired_diffs(ok, d, model, proto):
+    """Test AUC of `model` minus the untrained backbone's, one per seed both have finished."""
     base = {r["seed"]: r["results"][proto]["auc"] for r in ok
             if r["model"] == "random" and r["data"] == d and proto in r["results"]}
-    diffs = [r["results"][proto]["auc"] - base[r["seed"]] for r in ok
-             if r["model"] == model and r["data"] == d and r["seed"] in base and proto in r["results"]]
+    return [r["results"][proto]["auc"] - base[r["seed"]] for r in ok
+            if r["model"] == model and r["data"] == d and r["seed"] in base and proto in r["results"]]
+
+
+def paired_delta(ok, d, model, proto):
+    """paired_diffs as text: '+0.012 ± 0.004 (3 seeds)'."""
+    diffs = paired_diffs(ok, d, model, proto)
     if not diffs:
         return "–"
     m, sd = mean_sd(diffs)
@@ -104,6 +109,11 @@ def proj_dim(r):
     return int(words[words.index("--proj-dim") + 1]) if "--proj-dim" in words else None
 
 
+def z_curve(r):
+    """A run's z_std per epoch, the epochs that recorded one."""
+    return [v for v in r.get("curves", {}).get("z_std", []) if v is not None]
+
+
 def training(ok, d):
     """How each SSL run trained, from its curves: the train loss, the online val kNN AUC and z_std from first to
     last epoch. z_std is the per-dimension std of the L2-normalised projection z, averaged over its D dimensions:
@@ -116,7 +126,7 @@ def training(ok, d):
         best = max(knn, key=lambda t: t[1]) if knn else None
         knn_cell = (f"{knn[0][1]:.3f} (ep {knn[0][0]}) → best {best[1]:.3f} (ep {best[0]}) → {knn[-1][1]:.3f} "
                     f"(ep {knn[-1][0]}); last − best {knn[-1][1] - best[1]:+.3f}") if knn else "–"
-        z = [v for v in c.get("z_std", []) if v is not None]
+        z = z_curve(r)
         D = proj_dim(r)
         z_cell = (f"{z[0]:.4f} → {z[-1]:.4f} " + (f"(1/√D = {D ** -0.5:.4f})" if D else "(D not recorded)")
                   if z else "not recorded")
@@ -175,8 +185,7 @@ def targets(records, d, goal):
     for m in [m for m in METHODS if any(r["model"] == m for r in mine)]:
         runs_m = [r for r in mine if r["model"] == m]
         seeds = {r["seed"] for r in runs_m}
-        base = {r["seed"]: r["results"]["linear"]["auc"] for r in ok if r["model"] == "random"}
-        diffs = [r["results"]["linear"]["auc"] - base[r["seed"]] for r in ok if r["model"] == m and r["seed"] in base]
+        diffs = paired_diffs(ok, d, m, "linear")
         needed = runs_m + [r for r in mine if r["model"] == "random" and r["seed"] in seeds]
         means[m] = mean_auc(ok, d, m, "linear")
         if "over_untrained" in goal:
@@ -195,8 +204,7 @@ def targets(records, d, goal):
             best = max(aucs, key=aucs.get) if aucs else None
             rows.append((f"best SSL method: {name} ≥ {goal[key]:.3f}", f"{NAMES[best]} {aucs[best]:.3f}" if best
                          else "–", status(ssl, best is not None and aucs[best] >= goal[key])))
-    zs = [(min(z) / z[0], r) for r in ok if r["model"] in METHODS
-          for z in [[v for v in r.get("curves", {}).get("z_std", []) if v is not None]] if z and z[0] > 0]
+    zs = [(min(z) / z[0], r) for r in ok if r["model"] in METHODS for z in [z_curve(r)] if z and z[0] > 0]
     low = min(zs, key=lambda t: t[0]) if zs else None
     failed = [f"{NAMES[r['model']]} s{r['seed']} failed" for r in ssl if r["status"] == "failed"]
     lowest = ([f"{len(zs)} run{'s' * (len(zs) != 1)} checked, lowest min / epoch 1: {NAMES[low[1]['model']]} "
