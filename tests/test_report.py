@@ -185,3 +185,21 @@ def test_targets_rows_measured_and_met_missed_or_open():
     assert report.targets(low, "d", {})[-1].endswith("SimCLR s0 0.47 | missed |")
     plain = report.targets([rec("random", 0, 0.9), rec("simclr", 0, 0.89)], "d", dict(over_untrained=0.0))
     assert "| SimCLR: linear 100% ≥ the untrained backbone (mean over paired seeds) | -0.010 (1 seed) | missed |" in plain
+
+
+def test_target_within_10pct_takes_the_best_method_by_its_full_label_probe():
+    """The 10% target compares the best method's (by linear 100%) mean 10% probe with its own 100% probe: not the
+    best 10% score, not another method's gap; open while an SSL run is pending."""
+    def rec(m, s, full, tenth, status="ok"):
+        return {"model": m, "data": "d", "seed": s, "status": status, "curves": {},
+                "results": {"linear": {"auc": full}, "linear_10pct": {"auc": tenth}} if status == "ok" else {}}
+    goal = dict(within_10pct=0.01)
+    records = [rec("simclr", 0, 0.96, 0.945), rec("simclr", 1, 0.97, 0.955),  # best: 0.965 vs 0.950, -0.015
+               rec("byol", 0, 0.95, 0.955)]                                    # the best 10%, a gap of +0.005
+    row = report.targets(records, "d", goal)[5]
+    assert row == ("| best SSL method: linear 10% within 0.01 of its linear 100% | SimCLR 0.950 vs 0.965 (-0.015) "
+                   "| missed |")
+    records[1] = rec("simclr", 1, 0.97, 0.97)  # 0.9575 vs 0.965: within 0.0075
+    assert report.targets(records, "d", goal)[5].endswith("(-0.007) | met |")
+    records.append(rec("byol", 1, None, None, "pending"))
+    assert report.targets(records, "d", goal)[5].endswith("| open (3 of 4 runs) |")

@@ -244,6 +244,28 @@ def test_method_flags_change_only_the_named_method():
             reproduce.check_method_flags("bad", {"data": ["pneumonia"], "method_flags": {method: flags}})
 
 
+def test_preset_targets_must_name_a_dataset_of_the_preset_and_known_goals():
+    """A typo in a preset's targets would leave them out of RESULTS.md without a word: check_targets refuses, in one
+    line naming the preset and the key, a dataset the preset does not run (keys carry the size), an unknown goal, a
+    value that is no AUC, and a floor for no method; the committed presets pass."""
+    for name, preset in reproduce.PRESETS.items():
+        reproduce.check_targets(name, preset)
+    base = {"data": ["pneumonia", "breast@64"], "size": 28}
+    reproduce.check_targets("good", {**base, "targets": {"pneumonia-28": dict(best=0.9, floor={"vicreg": 0.9}),
+                                                         "breast-64": dict(over_untrained=-0.01)}})
+    goal = "targets for pneumonia-28: "
+    for targets, says in (({"pneumonia": dict(best=0.9)}, "targets for 'pneumonia': .*pneumonia-28, breast-64"),
+                          ({"breast-28": dict(best=0.9)}, "targets for 'breast-28'"),       # the other size
+                          ({"pneumonia-28": dict(bset=0.9)}, goal + "bset 0.9: expected one of over_untrained"),
+                          ({"pneumonia-28": dict(best="0.9")}, goal + "best 0.9: expected"),  # not a number
+                          ({"pneumonia-28": dict(best=96.5)}, goal + "best 96.5: expected"),  # a percentage
+                          ({"pneumonia-28": dict(best=True)}, goal + "best True: expected"),
+                          ({"pneumonia-28": dict(floor={"moco": 0.9})}, goal + "floor .*moco.*methods of simclr"),
+                          ({"pneumonia-28": dict(floor=0.9)}, goal + "floor 0.9: expected")):
+        with pytest.raises(SystemExit, match=f"^preset bad: {says}"):
+            reproduce.check_targets("bad", {**base, "targets": targets})
+
+
 def test_a_run_of_the_same_command_but_another_default_is_not_reused(tmp_path, monkeypatch, capsys):
     """identity() is the command; a default changed in a method file (here the small-image jitter) leaves it the
     same. recipe() sees the change, and neither a committed record nor a finished run folder of the old recipe is
