@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import types
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -264,6 +265,11 @@ def test_preset_targets_must_name_a_dataset_of_the_preset_and_known_goals():
                           ({"pneumonia-28": dict(floor=0.9)}, goal + "floor 0.9: expected")):
         with pytest.raises(SystemExit, match=f"^preset bad: {says}"):
             reproduce.check_targets("bad", {**base, "targets": targets})
+    # and the study checks them first: nothing is run or written
+    bad = {**reproduce.PRESETS["cpu"], "targets": {"pneumonia": dict(best=0.9)}}
+    with mock.patch.dict(reproduce.PRESETS, {"cpu": bad}):
+        with pytest.raises(SystemExit, match="^preset cpu: targets for 'pneumonia'"):
+            reproduce.main(["--preset", "cpu", "--table-only", "--out", "/nonexistent/results"])
 
 
 def test_a_run_of_the_same_command_but_another_default_is_not_reused(tmp_path, monkeypatch, capsys):
