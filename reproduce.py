@@ -64,13 +64,16 @@ PRESETS = {
                 warmup_epochs={"pneumonia": 1, "breast": 10}, eval_every={"pneumonia": 5, "breast": 5},
                 finetune_epochs={"pneumonia": 1, "breast": 10}, seeds=SEEDS_CPU, random_seeds=[0, 1, 2], train_subset=0,
                 imagenet_size=224, jobs=1, parts=PARTS_CPU, minutes=MINUTES_CPU, targets=TARGETS_CPU,
+                # BYOL's target at 180 steps: tau_base 0.99 leaves ~40% of its initial weights at the end, 0.95 ~1%
+                # (BreastMNIST's 800 steps at 0.99: ~2%); chosen on val (results/RECIPES.md, byol-pv-j4-ema95)
+                method_flags={"byol": {"pneumonia": ["--ema-decay", "0.95"]}},
                 note="CPU preset: the study answered on a 2-core CPU. ResNet-18 at 28 px on the full train splits: "
                 "PneumoniaMNIST 10 epochs at batch 256 (18 steps each = 180 steps), BreastMNIST 100 epochs at batch "
-                "64 (8 steps each = 800 steps); the recipes of issue 30's search (results/RECIPES.md, chosen on val); "
-                "PneumoniaMNIST with seeds 0, 1, 2 for every method (paired by seed with the untrained backbone's), "
-                "BreastMNIST with seed 0 and the untrained backbone's 0, 1, 2 (its spread is the noise floor); the "
-                "supervised baseline with the same epochs; fine-tune 1 / 10 epochs. "
-                "Run in parts of <= 100 min (--part I/N), each committed as it finishes."),
+                "64 (8 steps each = 800 steps); the recipes of issue 30's search (results/RECIPES.md, chosen on val; "
+                "BYOL's target rate 0.95 on PneumoniaMNIST's 180 steps); PneumoniaMNIST with seeds 0, 1, 2 for every "
+                "method (paired by seed with the untrained backbone's), BreastMNIST with seed 0 and the untrained "
+                "backbone's 0, 1, 2 (its spread is the noise floor); the supervised baseline with the same epochs; "
+                "fine-tune 1 / 10 epochs. Run in parts of <= 100 min (--part I/N), each committed as it finishes."),
     "gpu": dict(arch="resnet18", size=28, data=["pneumonia", "breast", "breast@64"],
                 epochs={"pneumonia": 200, "breast": 400, "breast@64": 200},
                 batch_size={"pneumonia": 256, "breast": 128, "breast@64": 128}, warmup_epochs=10, seeds=[0, 1, 2],
