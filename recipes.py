@@ -113,6 +113,10 @@ PILOTS = {
     # ratio of lambda D / B = 0.0026 at the paper's lambda (0.0051), D = 128, B = 256, against the paper's 0.0204
     # (D = 8192, B = 2048); lambda 0.04 restores that ratio
     "barlow-d128-j4-l04": ("barlow", "pneumonia", ["--proj-dim", "128", "--jitter", "0.4", "--lambd", "0.04"]),
+    # under clipped LARS each of Barlow Twins' weight tensors steps by eta = 2% of its norm at LR 0.3 or 0.1 (its
+    # ||g|| / ||w|| at init: 0.34-7.7); the LR only caps that step (lr ||g||): at 0.01, 17 of its 23 tensors take
+    # plain SGD's smaller step (0.3-2%). The step size, one lever against barlow-d128-j4 (reading-recipes.md)
+    "barlow-d128-j4-lr01": ("barlow", "pneumonia", ["--proj-dim", "128", "--jitter", "0.4", "--lr", "0.01"]),
 }
 SCORES = [("linear", "linear"), ("linear_10pct", "linear 10%"), ("knn", "kNN")]  # results.json key -> column
 # the first cpu study's records (its recipes, before this search adopted any), relative to the output folder: the
