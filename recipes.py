@@ -117,6 +117,11 @@ PILOTS = {
     # ||g|| / ||w|| at init: 0.34-7.7); the LR only caps that step (lr ||g||): at 0.01, 17 of its 23 tensors take
     # plain SGD's smaller step (0.3-2%). The step size, one lever against barlow-d128-j4 (reading-recipes.md)
     "barlow-d128-j4-lr01": ("barlow", "pneumonia", ["--proj-dim", "128", "--jitter", "0.4", "--lr", "0.01"]),
+    # barlow-d128-j4-lr01 beat LR 0.3 on every val score, above the untrained backbone (adopted for PneumoniaMNIST):
+    # the same LR where the batch is 64 and the steps 800, and the same lever on VICReg's identical LARS recipe
+    "barlow-d128-j4-lr01-breast": ("barlow", "breast", ["--proj-dim", "128", "--jitter", "0.4", "--lr", "0.01"]),
+    "vicreg-d128-j4-pv-lr01": ("vicreg", "pneumonia", ["--proj-dim", "128", "--jitter", "0.4", "--bn", "per-view",
+                                                       "--lr", "0.01"]),
 }
 SCORES = [("linear", "linear"), ("linear_10pct", "linear 10%"), ("knn", "kNN")]  # results.json key -> column
 # the first cpu study's records (its recipes, before this search adopted any), relative to the output folder: the

@@ -323,7 +323,7 @@ def write_results(records, datasets, cfg, cli, wall):
              "label-efficient).",
              "- " + ANCHORS]
     for m, flags in cfg.get("method_flags", {}).items():  # each run's full command is in the Runs table
-        lines.append(f"- {NAMES[m]}'s own settings, chosen on the val split (results/RECIPES.md): "
+        lines.append(f"- {NAMES[m]}: settings of its own, chosen on the val split (results/RECIPES.md): "
                      + "; ".join(f"{k}: `{' '.join(v)}`" for k, v in (flags.items() if isinstance(flags, dict)
                                                                        else [("every dataset", flags)])))
     reasons = {}  # the same failure (ImageNet weights offline) is listed once, with every run it stopped
