@@ -67,9 +67,10 @@ PRESETS = {
                 # BYOL's target at 180 steps: tau_base 0.99 leaves ~40% of its initial weights at the end, 0.95 ~1%
                 # (BreastMNIST's 800 steps at 0.99: ~2%); chosen on val (results/RECIPES.md, byol-pv-j4-ema95).
                 # Barlow Twins at 180 steps: LR 0.01, under which clipped LARS gives most layers plain SGD's smaller
-                # step instead of eta = 2% of their norm (barlow-d128-j4-lr01); BreastMNIST: until its own pilot
+                # step instead of eta = 2% of their norm (barlow-d128-j4-lr01); BreastMNIST: until its own pilot.
+                # VICReg (its ||g|| / ||w|| a third of Barlow Twins'): those steps at LR 0.03 (vicreg-d128-j4-pv-lr03)
                 method_flags={"byol": {"pneumonia": ["--ema-decay", "0.95"]},
-                              "barlow": {"pneumonia": ["--lr", "0.01"]}},
+                              "barlow": {"pneumonia": ["--lr", "0.01"]}, "vicreg": {"pneumonia": ["--lr", "0.03"]}},
                 note="CPU preset: the study answered on a 2-core CPU. ResNet-18 at 28 px on the full train splits: "
                 "PneumoniaMNIST 10 epochs at batch 256 (18 steps each = 180 steps), BreastMNIST 100 epochs at batch "
                 "64 (8 steps each = 800 steps); the recipes of issue 30's search (results/RECIPES.md, chosen on val); "
