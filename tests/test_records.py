@@ -89,7 +89,8 @@ def test_a_bad_record_is_named_with_its_field(what, make, field):
     assert any(field in p for p in problems), problems
 
 
-# the cpu preset the first study ran with (its records name it "cpu"): one seed per method, no method flags, 13 parts by these minutes
+# the cpu preset the first study ran with (its records name it "cpu"): one seed per method, no method flags,
+# 13 parts by these minutes
 FIRST_CPU = {"seeds": [0], "parts": 13, "method_flags": {}, "minutes": {
     "pneumonia": {"random": 6, "supervised": 40, "imagenet": 0.5, "simclr": 70, "dclw": 70, "byol": 90, "simsiam": 70,
                   "barlow": 67, "vicreg": 67},
