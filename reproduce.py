@@ -64,11 +64,9 @@ PRESETS = {
                 warmup_epochs={"pneumonia": 1, "breast": 10}, eval_every={"pneumonia": 5, "breast": 5},
                 finetune_epochs={"pneumonia": 1, "breast": 10}, seeds=SEEDS_CPU, random_seeds=[0, 1, 2], train_subset=0,
                 imagenet_size=224, jobs=1, parts=PARTS_CPU, minutes=MINUTES_CPU, targets=TARGETS_CPU,
-                # BYOL's target at 180 steps: tau_base 0.99 leaves ~40% of its initial weights at the end, 0.95 ~1%
-                # (BreastMNIST's 800 steps at 0.99: ~2%); chosen on val (results/RECIPES.md, byol-pv-j4-ema95).
-                # Barlow Twins at 180 steps: LR 0.01, under which clipped LARS gives most layers plain SGD's smaller
-                # step instead of eta = 2% of their norm (barlow-d128-j4-lr01); BreastMNIST: until its own pilot.
-                # VICReg (its ||g|| / ||w|| a third of Barlow Twins'): those steps at LR 0.03 (vicreg-d128-j4-pv-lr03)
+                # settings that fit PneumoniaMNIST's 180 steps, each chosen on val by the named pilot (why: the
+                # deviations table and results/reading-recipes.md): byol-pv-j4-ema95, barlow-d128-j4-lr01,
+                # vicreg-d128-j4-pv-lr03; BreastMNIST's 800 steps keep the files' defaults until their own pilots
                 method_flags={"byol": {"pneumonia": ["--ema-decay", "0.95"]},
                               "barlow": {"pneumonia": ["--lr", "0.01"]}, "vicreg": {"pneumonia": ["--lr", "0.03"]}},
                 note="CPU preset: the study answered on a 2-core CPU. ResNet-18 at 28 px on the full train splits: "
