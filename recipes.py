@@ -124,6 +124,15 @@ PILOTS = {
     "barlow-d128-j4-lr01-breast": ("barlow", "breast", ["--proj-dim", "128", "--jitter", "0.4", "--lr", "0.01"]),
     "vicreg-d128-j4-pv-lr03": ("vicreg", "pneumonia", ["--proj-dim", "128", "--jitter", "0.4", "--bn", "per-view",
                                                        "--lr", "0.03"]),
+    # vicreg-d128-j4-pv-lr03 was adopted for PneumoniaMNIST: the same LR where the batch is 64 and the steps 800,
+    # against vicreg-d128-j4-pv-breast (LR 0.3, VICReg's default there)
+    "vicreg-d128-j4-pv-lr03-breast": ("vicreg", "breast", ["--proj-dim", "128", "--jitter", "0.4", "--bn", "per-view",
+                                                           "--lr", "0.03"]),
+    # BYOL missed +0.02 on test (+0.016 +- 0.007) with its loss still falling: at its LR 1.0, 21 of its 24 weight
+    # tensors step eta = 2% of their norm (||g|| / ||w|| at init, median 0.036), as Barlow Twins' did at 0.3; at 0.3,
+    # 20 of 24 take plain SGD's step (~1%). The step size, one lever against byol-pv-j4-ema95
+    "byol-pv-j4-ema95-lr03": ("byol", "pneumonia", ["--bn", "per-view", "--jitter", "0.4", "--ema-decay", "0.95",
+                                                    "--lr", "0.3"]),
 }
 SCORES = [("linear", "linear"), ("linear_10pct", "linear 10%"), ("knn", "kNN")]  # results.json key -> column
 # the first cpu study's records (its recipes, before this search adopted any), relative to the output folder: the
