@@ -174,7 +174,8 @@ def main(args):
 
             # collapse monitor: std over the batch of the unit-norm projection, ~1/sqrt(d) when healthy, 0 if collapsed
             z_std = F.normalize(z.detach().float(), dim=1).std(0).mean()
-            loss_value, z_std = torch.stack([loss.detach(), z_std]).tolist()  # the step's one host sync
+            eta = common.eta_share(optimizer, z_std)  # LARS: the share of weight tensors whose step eta set
+            loss_value, z_std, eta = torch.stack([loss.detach(), z_std, eta]).tolist()  # the step's one host sync
             if not math.isfinite(loss_value):
                 kept = f"the last good checkpoint (epoch {epoch}) is {ckpt_path}" if epoch else "no checkpoint yet"
                 raise SystemExit(f"{METHOD}: loss is {loss_value} at epoch {epoch + 1} step {step + 1}; stopped, "
@@ -182,7 +183,7 @@ def main(args):
             img_per_s = B / (time.perf_counter() - t0)  # images of the global batch per second
             runs.log_jsonl(log_path, {"epoch": epoch, "step": epoch * steps + step, "train/loss": loss_value,
                                       "train/lr": scheduler.get_last_lr()[0], "train/img_per_s": img_per_s,
-                                      "train/z_std": z_std})
+                                      "train/z_std": z_std, "train/eta_share": eta})
             bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{img_per_s:.0f}", epoch=epoch + 1)
             bar.update()
 

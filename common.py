@@ -303,7 +303,9 @@ class LARS(torch.optim.Optimizer):
 
     so a layer moves by about eta of its own norm per step whatever its gradient's scale (with clip_lr: never
     faster than plain SGD at the scheduled lr). 1-D parameters (biases, BN weights) are excluded from weight decay
-    and adaptation, as in those papers: a plain momentum-SGD step.
+    and adaptation, as in those papers: a plain momentum-SGD step. After each step, eta_share (a 0-dim tensor, no
+    host sync) is the share of weight tensors whose step eta set (trust < 1 with clip_lr): near 1, the LR no longer
+    sets how far the layers move, only eta does; near 0, LARS is plain SGD.
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip_lr=True):
@@ -315,6 +317,7 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:  # the torch.optim contract (L-BFGS-style callers); the method files pass none
             with torch.enable_grad():
                 loss = closure()
+        by_eta, adapted = 0, 0  # weight tensors whose step eta set (a tensor sum: no host sync), of those adapted
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for w in group["params"]:
@@ -327,14 +330,25 @@ class LARS(torch.optim.Optimizer):
                     if group["clip_lr"]:
                         trust = (trust / max(lr, 1e-12)).clamp(max=1.0)
                     # a layer whose weight or gradient is all zero has no ratio to take: plain step
-                    g = g.add(w, alpha=wd) * torch.where((w_norm > 0) & (g_norm > 0), trust, 1.0)
+                    ratio = (w_norm > 0) & (g_norm > 0)
+                    g = g.add(w, alpha=wd) * torch.where(ratio, trust, 1.0)
+                    by_eta, adapted = by_eta + (ratio & (trust < 1.0 if group["clip_lr"] else True)), adapted + 1
                 buf = self.state[w].get("momentum_buffer")
                 if buf is None:
                     buf = self.state[w]["momentum_buffer"] = g.clone()
                 else:
                     buf.mul_(group["momentum"]).add_(g)
                 w.add_(buf, alpha=-lr)
+        if adapted:
+            self.eta_share = by_eta.float() / adapted
         return loss
+
+
+def eta_share(optimizer, like):
+    """The share of weight tensors whose last step LARS's eta set (LARS.eta_share), as a 0-dim tensor of `like`'s
+    dtype and device, for the step's one host sync; 0 for plain SGD, whose steps the LR alone sets."""
+    share = getattr(optimizer, "eta_share", None)
+    return like.new_zeros(()) if share is None else share.to(like)
 
 
 def make_optimizer(name, params, lr, weight_decay):

@@ -372,17 +372,20 @@ def run_child(cmd, folder, running=None, key=None):
 
 
 def curves(path):
-    """metrics.jsonl -> per-epoch means of the train loss and of z_std (the projection's spread, see training()),
-    and the online val kNN AUC (all empty for the baselines)."""
-    loss, z_std, knn = {}, {}, {}
+    """metrics.jsonl -> per-epoch means of the train loss, of z_std (the projection's spread, see training()) and
+    of eta_share (common.LARS; None in runs from before it was logged), and the online val kNN AUC (all empty for
+    the baselines)."""
+    loss, z_std, eta, knn = {}, {}, {}, {}
     for row in read_jsonl(path):
         if "train/loss" in row:
             loss.setdefault(row["epoch"] + 1, []).append(row["train/loss"])
         if "train/z_std" in row:
             z_std.setdefault(row["epoch"] + 1, []).append(row["train/z_std"])
+        if "train/eta_share" in row:
+            eta.setdefault(row["epoch"] + 1, []).append(row["train/eta_share"])
         if "val/knn_auc" in row:
             knn[row["epoch"] + 1] = row["val/knn_auc"]
     mean = lambda v: sum(v) / len(v) if v else None
     return {"epoch": sorted(loss), "loss": [mean(loss[e]) for e in sorted(loss)],
-            "z_std": [mean(z_std.get(e)) for e in sorted(loss)],
+            "z_std": [mean(z_std.get(e)) for e in sorted(loss)], "eta_share": [mean(eta.get(e)) for e in sorted(loss)],
             "knn_epoch": sorted(knn), "knn_auc": [knn[e] for e in sorted(knn)]}

@@ -68,6 +68,7 @@ def test_lars_matches_a_naive_per_parameter_formula(clip_lr):
     lrs, wd, eta, mom = [0.5, 0.3, 0.01], 1e-2, 0.02, 0.9
     opt = common.LARS(net.parameters(), lr=lrs[0], momentum=mom, weight_decay=wd, eta=eta, clip_lr=clip_lr)
     x = torch.randn(8, 5)
+    shares = []
     for step, lr in enumerate(lrs):
         for group in opt.param_groups:
             group["lr"] = lr
@@ -75,22 +76,34 @@ def test_lars_matches_a_naive_per_parameter_formula(clip_lr):
         (net(x) - 1).pow(2).sum().backward()
         grads = [p.grad.clone() for p in net.parameters()]
         opt.step()
+        by_eta = []  # per weight tensor: did eta set its step (a trust ratio below 1 under clip_lr)?
         for i, (w, g) in enumerate(zip(ref, grads)):  # the papers' rule, one parameter at a time, in float64
             w64, g64 = w.double(), g.double()
             if w.dim() == 1:  # bias or BN parameter: plain momentum SGD, no weight decay
                 d = g64
             elif float(w64.norm()) == 0 or float(g64.norm()) == 0:
                 d = g64 + wd * w64
+                by_eta.append(False)
             else:
                 trust = eta * float(w64.norm()) / (float(g64.norm()) + wd * float(w64.norm()))
                 if clip_lr:
                     trust = min(trust / lr, 1.0)
+                by_eta.append(trust < 1.0 if clip_lr else True)
                 d = trust * (g64 + wd * w64)
             bufs[i] = d if step == 0 else mom * bufs[i] + d  # torch's SGD: the first buffer is the step
             ref[i] = (w64 - lr * bufs[i]).float()
         for w, p in zip(ref, net.parameters()):
             assert torch.allclose(w, p.detach(), atol=1e-6, rtol=1e-5)
+        shares.append(opt.eta_share.item())
+        assert opt.eta_share.item() == pytest.approx(sum(by_eta) / len(by_eta)), (step, by_eta)
     assert not torch.equal(net[2].weight, torch.zeros(3, 4))  # the zero layer did move
+    # step 1: no ratio to take (the zero layer, and the first one's gradient, which flows through it, is zero); then
+    # η sets one layer's step of two under clip_lr (the other's trust / lr is above 1), unclipped every layer's
+    assert shares == ([0.0, 0.5, 0.5] if clip_lr else [0.0, 1.0, 1.0]), shares
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)  # no eta: a share of 0, on the tensor's own dtype and device
+    assert common.eta_share(sgd, torch.ones((), dtype=torch.float64)).dtype == torch.float64
+    assert common.eta_share(sgd, torch.ones(())).item() == 0.0
+    assert common.eta_share(opt, torch.ones((), dtype=torch.float64)).item() == shares[-1]
 
 
 def test_augmentation_defaults_by_size_and_overrides():

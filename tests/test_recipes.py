@@ -87,11 +87,16 @@ def test_the_table_lists_the_committed_study_by_its_val_scores(tmp_path):
                "val": {"linear": 0.5, "linear_10pct": 0.6, "knn": 0.7}, "loss": [3.0, 2.0],
                "z_std": [0.02, 0.01, 0.015], "wall_s": 60, "date": "2026-12-05T07:00", "machine": "m"},
               open(tmp_path / "recipes" / "p.json", "w"))
+    json.dump({"name": "q", "method": "byol", "data": "pneumonia", "flags": [], "status": "ok",
+               "val": {"linear": 0.5, "linear_10pct": 0.6, "knn": 0.7}, "loss": [3.0, 2.0], "z_std": [0.02, 0.01, 0.015],
+               "eta_share": [1.0, 0.35], "wall_s": 60, "date": "2026-12-06T07:00", "machine": "m"},
+              open(tmp_path / "recipes" / "q.json", "w"))
     recipes.table(str(tmp_path))
     md = (tmp_path / "RECIPES.md").read_text()
     assert "0.1111" not in md
-    assert "| **p** | 0.5000 | 0.6000 | 0.7000 | 3 → 2 | 0.0200 / 0.0100 / 0.0150 | 1 | `--lr 1` |" in md
-    assert "| cpu study: random s2 | 0.9876 | 0.9543 | 0.9321 | | | | untrained backbone |" in md
+    assert "| **p** | 0.5000 | 0.6000 | 0.7000 | 3 → 2 | 0.0200 / 0.0100 / 0.0150 |  | 1 | `--lr 1` |" in md
+    assert "| **q** | 0.5000 | 0.6000 | 0.7000 | 3 → 2 | 0.0200 / 0.0100 / 0.0150 | 1.00 → 0.35 | 1 | `` |" in md
+    assert "| cpu study: random s2 | 0.9876 | 0.9543 | 0.9321 | | | | | untrained backbone |" in md
 
 
 def test_unknown_pilot_is_refused_with_the_known_names(capsys):
@@ -166,3 +171,15 @@ def test_every_defined_pilot_is_a_valid_command_of_its_method():
             assert cmd[last + 1] == value or opt in flags[flags.index(opt) + 2::2], (name, opt)
             got = getattr(args, opt[2:].replace("-", "_"))
             assert got == type(got)(cmd[last + 1]), (name, opt)
+
+
+def test_summary_keeps_val_scores_and_the_curves_ends():
+    res = {k: {"auc": 0.5, "val_auc": 0.98765} for k, _ in recipes.SCORES}
+    curves = {"loss": [3.0, 2.0, 1.5], "z_std": [0.05, 0.02, 0.04], "knn_auc": [0.9], "eta_share": [1.0, 0.5, 0.2504]}
+    s = recipes.summary(res, curves)
+    assert s == {"val": {k: 0.9877 for k, _ in recipes.SCORES}, "loss": [3.0, 1.5], "z_std": [0.05, 0.02, 0.04],
+                 "eta_share": [1.0, 0.25], "val_knn_curve": [0.9]}  # epoch 1 and last; no test score
+    del curves["eta_share"]  # a run from before LARS logged it
+    assert recipes.summary(res, curves)["eta_share"] == []
+    curves["eta_share"] = [0.0, 0.0, 0.0]  # plain SGD: no step set by eta, said as 0, not left blank
+    assert recipes.summary(res, curves)["eta_share"] == [0.0, 0.0]

@@ -20,11 +20,13 @@ from conftest import ROOT, make_arrays
 
 def test_curves_per_epoch_means(tmp_path):
     log = tmp_path / "metrics.jsonl"
-    rows = [{"epoch": 0, "train/loss": 4.0, "train/z_std": 0.5}, {"epoch": 0, "train/loss": 2.0, "train/z_std": 0.25},
-            {"epoch": 0, "val/knn_auc": 0.7}, {"epoch": 1, "train/loss": 1.0}]  # epoch 2 without z_std (older log)
+    rows = [{"epoch": 0, "train/loss": 4.0, "train/z_std": 0.5, "train/eta_share": 1.0},
+            {"epoch": 0, "train/loss": 2.0, "train/z_std": 0.25, "train/eta_share": 0.5},
+            {"epoch": 0, "val/knn_auc": 0.7}, {"epoch": 1, "train/loss": 1.0}]  # epoch 2 without either (older log)
     log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 1, "train/lo')  # a last line cut by a kill
     c = runs.curves(str(log))
-    assert c == {"epoch": [1, 2], "loss": [3.0, 1.0], "z_std": [0.375, None], "knn_epoch": [1], "knn_auc": [0.7]}
+    assert c == {"epoch": [1, 2], "loss": [3.0, 1.0], "z_std": [0.375, None], "eta_share": [0.75, None],
+                 "knn_epoch": [1], "knn_auc": [0.7]}
 
 
 def test_failure_reason_is_the_message_not_the_progress_bar():

@@ -53,6 +53,9 @@ def test_two_epochs_write_checkpoint_metrics_results(script, tiny_dir, tmp_path)
     train_rows = [r for r in rows if "train/loss" in r]
     assert len(train_rows) == 2 * 3  # 48 images / batch 16 = 3 steps per epoch
     assert all(np.isfinite(r["train/loss"]) and r["train/z_std"] > 0 for r in train_rows)
+    # LARS's share of weight tensors whose step eta set (Barlow Twins), 0 for plain SGD (SimSiam)
+    shares = [r["train/eta_share"] for r in train_rows]
+    assert all(0 <= v <= 1 for v in shares) and (max(shares) > 0) == (script == "barlow.py"), shares
     assert len([r for r in rows if "val/knn_acc" in r]) == 2
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["args"]["epochs"] == 2 and "optimizer" in ckpt
