@@ -118,9 +118,11 @@ def z_curve(r):
 
 
 def training(ok, d):
-    """How each SSL run trained, from its curves: the train loss, the online val kNN AUC and z_std from first to
-    last epoch. z_std is the per-dimension std of the L2-normalised projection z, averaged over its D dimensions:
-    0 when every image maps to one point (collapse), 1/sqrt(D) when z is spread evenly over the sphere."""
+    """How each SSL run trained, from its curves: the train loss, the online val kNN AUC, z_std and LARS's eta_share
+    from first to last epoch. z_std is the per-dimension std of the L2-normalised projection z, averaged over its D
+    dimensions: 0 when every image maps to one point (collapse), 1/sqrt(D) when z is spread evenly over the sphere.
+    eta_share (common.LARS): the share of weight tensors whose step eta set, not the LR (0 for plain SGD; "–" in
+    records from before it was logged)."""
     lines = []
     for r in sorted((r for r in ok if r["data"] == d and r["model"] in METHODS and r.get("curves", {}).get("loss")),
                     key=lambda r: (METHODS.index(r["model"]), r["seed"])):
@@ -133,15 +135,19 @@ def training(ok, d):
         D = proj_dim(r)
         z_cell = (f"{z[0]:.4f} → {z[-1]:.4f} " + (f"(1/√D = {D ** -0.5:.4f})" if D else "(D not recorded)")
                   if z else "not recorded")
+        eta = [v for v in c.get("eta_share", []) if v is not None]
         low, low_epoch = min(zip(c["loss"], c["epoch"]))  # the lowest epoch-mean loss and its (first) epoch
         lines.append(f"| {NAMES[r['model']]} | {r['seed']} | {c['loss'][0]:.3f} → {c['loss'][-1]:.3f} "
-                     f"(min {low:.3f}, ep {low_epoch}) | {knn_cell} | {z_cell} |")
+                     f"(min {low:.3f}, ep {low_epoch}) | {knn_cell} | {z_cell} | "
+                     + (f"{eta[0]:.2f} → {eta[-1]:.2f} |" if eta else "– |"))
     if not lines:
         return []
     return ["", "Training, per run (epoch means; val kNN AUC online, every eval_every epochs; z_std: the per-dimension "
-            "std of the L2-normalised projection z, 0 = collapsed to one point, 1/√D = spread evenly; see curves.png):",
+            "std of the L2-normalised projection z, 0 = collapsed to one point, 1/√D = spread evenly; see curves.png; "
+            "η-set: the share of weight tensors whose LARS step η set rather than the LR, 0 for plain SGD, – where "
+            "the record predates it):",
             "", "| model | seed | train loss, epoch 1 → last | val kNN AUC, first → best → last | z_std, epoch 1 → "
-            "last |", "|---|---:|---|---|---|"] + lines
+            "last | η-set, epoch 1 → last |", "|---|---:|---|---|---|---|"] + lines
 
 
 def mean_auc(ok, d, model, proto):

@@ -25,17 +25,17 @@ def test_training_table():
     recipes: its method file's default then may not be today's); runs without curves give no row."""
     barlow = {"model": "barlow", "data": "d", "seed": 0, "config": "barlow.py --data d", "recipe": {"proj_dim": 2048},
               "curves": {"epoch": [1, 2, 3], "loss": [5.0, 3.0, 4.0], "z_std": [0.01, 0.02, 0.03],
-                         "knn_epoch": [1, 2, 3], "knn_auc": [0.6, 0.9, 0.8]}}
+                         "eta_share": [1.0, 0.5, 0.25], "knn_epoch": [1, 2, 3], "knn_auc": [0.6, 0.9, 0.8]}}
     simclr = {"model": "simclr", "data": "d", "seed": 1, "config": "simclr.py --proj-dim 64",
               "curves": {"epoch": [1], "loss": [2.0], "z_std": [None], "knn_epoch": [], "knn_auc": []}}
     rand = {"model": "random", "data": "d", "seed": 0, "config": "evaluate.py", "curves": {"epoch": [], "loss": []}}
     rows = [ln for ln in report.training([barlow, simclr, rand], "d") if ln.startswith("| ") and "seed" not in ln]
-    assert rows == ["| SimCLR | 1 | 2.000 → 2.000 (min 2.000, ep 1) | – | not recorded |",
+    assert rows == ["| SimCLR | 1 | 2.000 → 2.000 (min 2.000, ep 1) | – | not recorded | – |",  # (no eta_share)
                     "| Barlow Twins | 0 | 5.000 → 4.000 (min 3.000, ep 2) | 0.600 (ep 1) → best 0.900 (ep 2) → 0.800 "
-                    f"(ep 3); last − best -0.100 | 0.0100 → 0.0300 (1/√D = {2048 ** -0.5:.4f}) |"]
+                    f"(ep 3); last − best -0.100 | 0.0100 → 0.0300 (1/√D = {2048 ** -0.5:.4f}) | 1.00 → 0.25 |"]
     assert report.proj_dim(simclr) == 64 and report.proj_dim({**simclr, "config": "simclr.py"}) is None
     old = {**barlow, "recipe": {}}  # (planted: today's default, 128, drawn for a run of D = 2048)
-    assert report.training([old], "d")[-1].endswith("| 0.0100 → 0.0300 (D not recorded) |")
+    assert report.training([old], "d")[-1].endswith("| 0.0100 → 0.0300 (D not recorded) | 1.00 → 0.25 |")
     assert report.proj_dim({**simclr, "recipe": {"proj_dim": 32}}) == 32  # what it ran with, whatever the default
     assert report.training([rand], "d") == [] and report.training([barlow], "other") == []
 

@@ -122,8 +122,9 @@ def test_reproduce_parts_on_two_machines_make_one_study(tmp_path):
     rec = json.loads((tmp_path / "B" / "results" / "runs" / "cpu-simclr-pneumonia-28-s0.json").read_text())
     assert rec["status"] == "ok" and rec["curves"]["epoch"] == [1] and rec["results"]["finetune"]["epochs"] == 1
     assert len(rec["curves"]["z_std"]) == 1 and 0 < rec["curves"]["z_std"][0] < 1  # from the method's own log
-    assert re.search(r"^\| SimCLR \| 0 \| \d+\.\d{3} → \d+\.\d{3} .*\| 0\.\d{4} → 0\.\d{4} \(1/√D = 0\.0625\) \|$", table,
-                     re.M)  # its training row, D = simclr.py's 256
+    assert len(rec["curves"]["eta_share"]) == 1 and 0 <= rec["curves"]["eta_share"][0] <= 1  # LARS's, the same
+    assert re.search(r"^\| SimCLR \| 0 \| \d+\.\d{3} → \d+\.\d{3} .*\| 0\.\d{4} → 0\.\d{4} \(1/√D = 0\.0625\) "
+                     r"\| [01]\.\d\d → [01]\.\d\d \|$", table, re.M)  # its training row, D = simclr.py's 256
     # a third machine with the committed JSON only, and no data: --table-only trains nothing, same table
     (tmp_path / "C" / "results" / "runs").mkdir(parents=True)
     for f in (tmp_path / "B" / "results" / "runs").glob("*.json"):
