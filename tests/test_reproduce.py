@@ -339,3 +339,17 @@ def test_the_part_check_holds_under_python_O(tmp_path):
     r = subprocess.run([sys.executable, "-O", "reproduce.py", "--preset", "cpu", "--table-only", "--part", "15/14",
                         "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode != 0 and "--part 15/14: expected I/N" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_readme_gives_a_laptop_user_the_cpu_presets_flags():
+    """The README's first commands run a method at the cpu study's budget by hand; the flags it says that budget
+    wants must be the preset's PneumoniaMNIST method_flags, all of them and no others (planted: a flag changed in the
+    preset only, and one more flag in the preset, each failed this)."""
+    text = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    said = text[text.index("as the cpu study passes them:"):text.index("([why](docs/deviations.md))")]
+    named = {}
+    for method, flags in re.findall(r"`(\w+)\.py ((?:--[\w-]+ [^\s`]+ ?)+)`", said):
+        named[method] = flags.split()
+    preset = reproduce.PRESETS["cpu"]["method_flags"]
+    wanted = {m: f["pneumonia"] for m, f in preset.items() if "pneumonia" in f}
+    assert named == wanted, (named, wanted)
