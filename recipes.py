@@ -133,6 +133,14 @@ PILOTS = {
     # 20 of 24 take plain SGD's step (~1%). The step size, one lever against byol-pv-j4-ema95
     "byol-pv-j4-ema95-lr03": ("byol", "pneumonia", ["--bn", "per-view", "--jitter", "0.4", "--ema-decay", "0.95",
                                                     "--lr", "0.3"]),
+    # more steps for the same compute: batch 128 for 360 steps sees the budget's 180 x 256 images. BYOL at LR 1.0 x
+    # 128/256 = 0.5 still steps about eta's 2% of each weight tensor's norm (0.5 x the median ||g|| / ||w|| at init,
+    # 0.036 at batch 256: 1.8%), now twice as often; Barlow Twins at --lr 0.02 x 128/256 = 0.01 per step keeps the
+    # adopted recipe's per-step LR and its plain-SGD step size, twice as often
+    "byol-pv-j4-ema95-b128": ("byol", "pneumonia", ["--bn", "per-view", "--jitter", "0.4", "--ema-decay", "0.95",
+                                                    "--batch-size", "128"]),
+    "barlow-d128-j4-lr01-b128": ("barlow", "pneumonia", ["--proj-dim", "128", "--jitter", "0.4", "--lr", "0.02",
+                                                         "--batch-size", "128"]),
 }
 SCORES = [("linear", "linear"), ("linear_10pct", "linear 10%"), ("knn", "kNN")]  # results.json key -> column
 # the first cpu study's records (its recipes, before this search adopted any), relative to the output folder: the
