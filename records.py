@@ -35,7 +35,7 @@ RECORD = {
     "preset": (str, "the preset it was planned by"),
     "train_subset": (int, "the --train-subset it ran with (0: the whole train split)"),
     "n_train": ((int, type(None)), "train images (None when planned by --table-only without data)"),
-    "epochs": (int, "the preset's epochs for this data entry"),
+    "epochs": (int, "the preset's epochs for this data entry (a method's own, where its method_flags set them)"),
     "batch_size": (int, "images per step"),
     "finetune_epochs": (int, "LP-FT epochs"),
     "config": (str, "the run's command minus interpreter, paths and --resume (identity)"),

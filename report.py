@@ -352,14 +352,20 @@ def write_results(records, datasets, cfg, cli, wall):
             lines += [f"## Reading (hand-written, {os.path.basename(reading)}; the tables below are generated)", "",
                       f.read().strip(), ""]
     for d in datasets:
-        # the dataset's settings from a training run, whose epochs its command holds (check_record); a baseline's
-        # record carries the preset's epochs of when it ran, reused while its own command is unchanged
-        r0 = next((r for r in records if r["data"] == d and "--epochs" in r.get("config", "").split()),
-                  next(r for r in records if r["data"] == d))
+        # the dataset's settings from the training runs, whose epochs and batch their commands hold (check_record):
+        # the most common, and each method whose preset flags set others; a baseline's record carries the preset's
+        # epochs of when it ran, reused while its own command is unchanged
+        trained = [r for r in records if r["data"] == d and "--epochs" in r.get("config", "").split()]
+        r0 = trained[0] if trained else next(r for r in records if r["data"] == d)
+        budgets = [(r["epochs"], r["batch_size"]) for r in trained] or [(r0["epochs"], r0["batch_size"])]
+        usual = max(budgets, key=budgets.count)  # the first of the most common
+        own = {r["model"]: (r["epochs"], r["batch_size"]) for r in trained if (r["epochs"], r["batch_size"]) != usual}
+        budget = f"{usual[0]} epochs at batch {usual[1]}" + "".join(
+            f" ({NAMES[m]}: {e} epochs at batch {b})" for m, (e, b) in own.items())
         n_train = next((r["n_train"] for r in records if r["data"] == d and r.get("n_train")), "")
         used = f"a seeded {r0['train_subset']}-image subset of" if r0["train_subset"] else "all"
-        lines += [f"## {d}", "", f"Train images: {used} {n_train}".rstrip() + f"; {r0['epochs']} epochs at batch "
-                  f"{r0['batch_size']}; fine-tune {r0['finetune_epochs']} epochs.", ""] + summary(ok, d) + (
+        lines += [f"## {d}", "", f"Train images: {used} {n_train}".rstrip() + f"; {budget}; fine-tune "
+                  f"{r0['finetune_epochs']} epochs.", ""] + summary(ok, d) + (
                   targets(records, d, cfg["targets"][d]) if d in cfg.get("targets", {}) else []) + [
                   "", "| protocol | model | ACC | AUC | F1 (weighted) | chosen on val |",
                   "|---|---|---:|---:|---:|---|"]

@@ -121,9 +121,14 @@ def with_flags(cmd, flags):
     return cmd
 
 
+# what a preset sets alike for every model of a data entry, so that their records compare: a method's flags may not
+PRESET_OWNED = ("--data", "--size", "--arch", "--seed", "--finetune-epochs", "--train-subset", "--data-dir", "--out")
+
+
 def check_method_flags(name, preset):
-    """Refuse, before any run starts, a preset whose method_flags name no method, no data entry of the preset, or
-    are not options of that method's file (parsed and range-checked by its own Args, as the run would be)."""
+    """Refuse, before any run starts, a preset whose method_flags name no method, no data entry of the preset, are
+    not options of that method's file (parsed and range-checked by its own Args, as the run would be), or set what
+    the preset sets for every model (PRESET_OWNED)."""
     for method, flags in preset.get("method_flags", {}).items():
         if method not in records.METHODS:
             raise SystemExit(f"preset {name}: method_flags names '{method}': expected one of "
@@ -139,6 +144,12 @@ def check_method_flags(name, preset):
                 raise SystemExit(f"preset {name}: method_flags for {method} ({entry or 'every entry'}) {argv}: "
                                  f"expected '--option value' pairs of {method}.py's options (see python {method}.py "
                                  "--help)") from None
+            owned = [opt for opt in argv[::2] if opt in PRESET_OWNED]
+            if owned:
+                raise SystemExit(f"preset {name}: method_flags for {method} ({entry or 'every entry'}) set "
+                                 f"{', '.join(owned)}: the preset sets these alike for every model (runs paired by "
+                                 "seed, scored on the same data by the same protocols); a method's flags may set its "
+                                 "recipe, its --epochs and --batch-size")
 
 
 def check_targets(name, preset):
@@ -262,10 +273,13 @@ def run_one(run, cli, run_it=True):
     --table-only) only reads what a committed record or a finished local run left; else the run is pending."""
     cfg, key, path = run.cfg, run.name, json_path(cli.out, cli.preset, run)
     config, config_hash = identity(run)
+    words = config.split()  # what the run is told: the preset's epochs and batch, or its method_flags' own
+    told = lambda flag, preset: int(words[words.index(flag) + 1]) if flag in words else preset
     rec = {"model": run.model, "data": records.data_name(run.data, run.size), "seed": run.seed, "preset": cli.preset,
-           "train_subset": cfg["subset"], "n_train": cfg["n_train"], "epochs": cfg["epochs"],
-           "batch_size": cfg["batch_size"], "finetune_epochs": cfg["finetune_epochs"], "config": config,
-           "config_hash": config_hash, "recipe": recipe(run), "estimate_min": cfg["estimate_min"], "part": cfg["part"]}
+           "train_subset": cfg["subset"], "n_train": cfg["n_train"], "epochs": told("--epochs", cfg["epochs"]),
+           "batch_size": told("--batch-size", cfg["batch_size"]), "finetune_epochs": cfg["finetune_epochs"],
+           "config": config, "config_hash": config_hash, "recipe": recipe(run), "estimate_min": cfg["estimate_min"],
+           "part": cfg["part"]}
     old = records.committed(path, config_hash)
     changed = old is not None and records.same_recipe(old, rec["recipe"])  # the same command, a default changed since?
     if old is None and os.path.exists(path):  # check_records found it sound

@@ -242,7 +242,9 @@ def test_method_flags_change_only_the_named_method():
                         ({"chest": ["--lr", "0.1"]}, "data entry 'chest'"),          # no such data entry
                         (["--learning-rate", "0.1"], r"vicreg \(every entry\).*options"),  # not vicreg.py's
                         ({"pneumonia": ["--lr", "-1"]}, r"vicreg \(pneumonia\).*options"),  # out of its range
-                        (["--lr"], "options")):                                      # not a pair
+                        (["--lr"], "options"),                                       # not a pair
+                        ({"pneumonia": ["--seed", "3"]}, r"\(pneumonia\) set --seed: the preset sets"),  # unpaired
+                        (["--lr", "0.1", "--finetune-epochs", "3"], "set --finetune-epochs")):  # another protocol
         method = "moco" if says.startswith("expected one") else "vicreg"
         with pytest.raises(SystemExit, match=says):
             reproduce.check_method_flags("bad", {"data": ["pneumonia"], "method_flags": {method: flags}})
@@ -353,3 +355,32 @@ def test_the_readme_gives_a_laptop_user_the_cpu_presets_flags():
     preset = reproduce.PRESETS["cpu"]["method_flags"]
     wanted = {m: f["pneumonia"] for m, f in preset.items() if "pneumonia" in f}
     assert named == wanted, (named, wanted)
+
+
+def test_a_method_whose_flags_set_its_batch_gets_a_record_of_that_batch(tmp_path):
+    """method_flags may give a method its own --batch-size and --epochs (e.g. the same images in twice the steps):
+    its record says what ran, so check_record accepts it (planted: epochs and batch from the preset, 10 and 256,
+    which check_record refuses against the command's 20 and 128), and RESULTS.md's dataset line names it."""
+    cfg = dict(arch="resnet18", finetune_epochs=1, batch_size=256, subset=0, epochs=10, eval_every=5, warmup_epochs=1,
+               imagenet_size=224, n_train=100, estimate_min=1.0, part="1/1")
+    cli = types.SimpleNamespace(out=str(tmp_path / "results"), preset="cpu", part="1/1", data_dir="", weights=None)
+    recs = []
+    for model, flags in (("simclr", {}), ("byol", {"byol": ["--batch-size", "128", "--epochs", "20"]})):
+        run = reproduce.Run(model, "pneumonia", 28, 0, {**cfg, "method_flags": flags}, str(tmp_path / "runs"))
+        config, digest = reproduce.identity(run)
+        folder = tmp_path / "runs" / f"{run.name}-{digest}"  # a finished run folder, as the run would leave it
+        folder.mkdir(parents=True)
+        json.dump({p: {"auc": 0.9, "acc": 0.8, "f1_weighted": 0.7} for p in ("knn", "linear")},
+                  open(folder / "results.json", "w"))
+        json.dump({"wall_s": 60.0, "command": config, "recipe": reproduce.recipe(run), "ran_in_part": "1/1",
+                   "date": "2026-12-06T10:00", "machine": "test"}, open(folder / "run.json", "w"))
+        rec = reproduce.run_one(run, cli, run_it=True)
+        assert rec["status"] == "ok", rec.get("reason")
+        assert records.check_record(f"cpu-{run.name}.json", rec) == []
+        recs.append(rec)
+    assert [(r["epochs"], r["batch_size"]) for r in recs] == [(10, 256), (20, 128)]
+    os.makedirs(cli.out)
+    cli.argv, cli.overrides, cli.jobs = ["--table-only"], [], 1
+    md = open(report.write_results(recs, ["pneumonia-28"], {"note": "n", "arch": "resnet18", "seeds": [0],
+                                                            "random_seeds": [0]}, cli, 60)).read()
+    assert "Train images: all 100; 10 epochs at batch 256 (BYOL: 20 epochs at batch 128); fine-tune 1 epochs." in md
