@@ -348,7 +348,7 @@ def test_the_readme_gives_a_laptop_user_the_cpu_presets_flags():
     wants must be the preset's PneumoniaMNIST method_flags, all of them and no others (planted: a flag changed in the
     preset only, and one more flag in the preset, each failed this)."""
     text = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
-    said = text[text.index("as the cpu study passes them:"):text.index("([why](docs/deviations.md))")]
+    said = text[text.index("the flags the cpu study passes:"):text.index("([why](docs/deviations.md))")]
     named = {}
     for method, flags in re.findall(r"`(\w+)\.py ((?:--[\w-]+ [^\s`]+ ?)+)`", said):
         named[method] = flags.split()
