@@ -58,6 +58,12 @@ RECORD_OPTIONAL = {"migrated": (str, "why the config was rewritten"),
                    "recipe": (dict, "the script's resolved arguments and augmentation (reproduce.recipe)")}
 
 
+def config_flag(config, opt):
+    """The value after option opt in a record's config (its command), or None when the command does not give it."""
+    words = config.split()
+    return words[words.index(opt) + 1] if opt in words[:-1] else None
+
+
 def check_record(path, rec):
     """Every problem of one committed record, each as 'path: field: what is wrong' (empty: the record is sound).
     Types and ranges per RECORD; the file name, model, data, seed, preset and config agree with each other; the
@@ -84,7 +90,7 @@ def check_record(path, rec):
     if hashlib.sha1(rec["config"].encode()).hexdigest()[:8] != rec["config_hash"]:
         bad.append(f"{path}: config_hash: {rec['config_hash']} is not the hash of its config (edited?)")
     words = rec["config"].split()
-    flag = lambda f: words[words.index(f) + 1] if f in words[:-1] else None
+    flag = lambda opt: config_flag(rec["config"], opt)
     script = f"{rec['model']}.py" if rec["model"] in METHODS + ["supervised"] else "evaluate.py"
     agree = {"script": (words[0] if words else None, script), "--seed": (flag("--seed"), str(rec["seed"])),
              "--data/--size": (flag("--data") and data_name(flag("--data"), flag("--size")), rec["data"]),

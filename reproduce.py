@@ -121,7 +121,7 @@ def with_flags(cmd, flags):
     return cmd
 
 
-# what a preset sets alike for every model of a data entry, so that their records compare: a method's flags may not
+# what a preset sets alike for every model of a data entry, so that their records compare; method_flags may not
 PRESET_OWNED = ("--data", "--size", "--arch", "--seed", "--finetune-epochs", "--train-subset", "--data-dir", "--out")
 
 
@@ -273,8 +273,7 @@ def run_one(run, cli, run_it=True):
     --table-only) only reads what a committed record or a finished local run left; else the run is pending."""
     cfg, key, path = run.cfg, run.name, json_path(cli.out, cli.preset, run)
     config, config_hash = identity(run)
-    words = config.split()  # what the run is told: the preset's epochs and batch, or its method_flags' own
-    told = lambda flag, preset: int(words[words.index(flag) + 1]) if flag in words else preset
+    told = lambda opt, preset: int(records.config_flag(config, opt) or preset)  # its method_flags' own, or the preset's
     rec = {"model": run.model, "data": records.data_name(run.data, run.size), "seed": run.seed, "preset": cli.preset,
            "train_subset": cfg["subset"], "n_train": cfg["n_train"], "epochs": told("--epochs", cfg["epochs"]),
            "batch_size": told("--batch-size", cfg["batch_size"]), "finetune_epochs": cfg["finetune_epochs"],
