@@ -15,7 +15,7 @@ import torch
 import common
 import evaluate
 import runs
-from records import BASELINES, METHODS
+from records import BASELINES, METHODS, config_flag
 
 NAMES = {"random": "random init", "supervised": "supervised (scratch)", "imagenet": "ImageNet transfer",
          "simclr": "SimCLR", "dclw": "DCLW", "byol": "BYOL", "simsiam": "SimSiam", "barlow": "Barlow Twins",
@@ -355,7 +355,7 @@ def write_results(records, datasets, cfg, cli, wall):
         # the dataset's settings from the training runs, whose epochs and batch their commands hold (check_record):
         # the most common, and each method whose preset flags set others; a baseline's record carries the preset's
         # epochs of when it ran, reused while its own command is unchanged
-        trained = [r for r in records if r["data"] == d and "--epochs" in r.get("config", "").split()]
+        trained = [r for r in records if r["data"] == d and config_flag(r.get("config", ""), "--epochs")]
         r0 = trained[0] if trained else next(r for r in records if r["data"] == d)
         budgets = [(r["epochs"], r["batch_size"]) for r in trained] or [(r0["epochs"], r0["batch_size"])]
         usual = max(budgets, key=budgets.count)  # the first of the most common
