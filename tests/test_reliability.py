@@ -33,6 +33,21 @@ def tiny_dir(tmp_path):
     return tmp_path
 
 
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished 1-epoch SimCLR run on tiny data (its npz beside it), trained once for the tests below that
+    start from one; each works on its own copy (`finished_copy`), so none sees another's edits."""
+    d = tmp_path_factory.mktemp("finished")
+    np.savez(d / "pneumoniamnist.npz", **make_arrays(n=(48, 16, 16)))
+    run("simclr.py", d, d / "run", "--epochs", "1")
+    return d
+
+
+def finished_copy(finished, tmp_path):
+    shutil.copytree(finished / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
 def wait_for_step(log, since=0.0, timeout=300):
     """Block until metrics.jsonl, written after `since`, has a train row (the run is past its setup)."""
     deadline = time.time() + timeout
@@ -89,9 +104,9 @@ def test_all_bad_fields_are_reported_at_once_and_out_may_not_be_a_file(tmp_path,
 
 
 # ------------------------------------------------------------------------------------------------ run folders
-def test_second_run_into_a_finished_folder_is_refused_then_overwritten(tiny_dir, tmp_path):
-    out = tmp_path / "run"
-    run("simclr.py", tiny_dir, out, "--epochs", "1")
+def test_second_run_into_a_finished_folder_is_refused_then_overwritten(finished, tmp_path):
+    tiny_dir = finished  # the data the run was trained on
+    out = finished_copy(finished, tmp_path)
     before = {f: (out / f).read_bytes() for f in ("checkpoint.pt", "metrics.jsonl", "results.json")}
     r = run("simclr.py", tiny_dir, out, "--epochs", "1", "--lr", "0.1", check=False)
     assert r.returncode != 0 and f"{out} already holds a run (checkpoint.pt, metrics.jsonl, results.json)" in r.stderr
@@ -113,9 +128,9 @@ def test_prepare_run_removes_only_its_own_stale_temp_files(tmp_path):
     assert sorted(os.listdir(out)) == [".lock", "notes.tmp"]  # .lock: this process holds the folder
 
 
-def test_resume_refuses_another_configuration_but_accepts_the_same_data_by_another_name(tiny_dir, tmp_path):
-    out = tmp_path / "run"
-    run("simclr.py", tiny_dir, out, "--epochs", "1")
+def test_resume_refuses_another_configuration_but_accepts_the_same_data_by_another_name(finished, tmp_path):
+    tiny_dir = finished  # the data the run was trained on
+    out = finished_copy(finished, tmp_path)
     r = run("simclr.py", tiny_dir, out, "--epochs", "1", "--resume", "--lr", "0.01", "--seed", "5", check=False)
     assert r.returncode != 0 and "was made with another configuration" in r.stderr
     assert "lr: 0.4 in the checkpoint, 0.01 now" in r.stderr and "seed: 0 in the checkpoint, 5 now" in r.stderr
@@ -343,12 +358,12 @@ def test_a_data_dir_that_is_a_file_is_named(tmp_path):
     assert f"simclr: --data-dir / MEDSSL_DATA_DIR {tmp_path / 'notadir'}: is a file, expected the folder" in r.stderr
 
 
-def test_evaluate_names_a_checkpoint_whose_backbone_does_not_fit(tiny_dir, tmp_path):
+def test_evaluate_names_a_checkpoint_whose_backbone_does_not_fit(finished, tmp_path):
     """A 5x5 conv1, a missing key: one line naming the checkpoint, not load_state_dict's traceback; all-NaN weights:
     one line naming the checkpoint and a tensor, not L-BFGS's overflow after feature extraction; an empty model,
     'encoder.' keys, a truncated file: one line each saying so."""
-    out = tmp_path / "run"
-    run("simclr.py", tiny_dir, out, "--epochs", "1")
+    tiny_dir = finished  # the data the run was trained on
+    out = finished_copy(finished, tmp_path)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     for name, edit in (("conv5", lambda m: m.update({"backbone.conv1.weight": torch.zeros(64, 1, 5, 5)})),
                        ("nokey", lambda m: m.pop("backbone.layer1.0.bn1.weight")),

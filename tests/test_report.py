@@ -114,6 +114,22 @@ def test_readme_block_per_dataset_columns_and_the_linear_difference():
         "| SimCLR | 0.660 | 0.520 | 0.610 | 0.790 [0.700, 0.880] | +0.090 |"]
 
 
+def test_readme_block_names_a_failure_once_with_its_seeds():
+    """The same failure on three seeds is one entry listing them; another reason, or another dataset, is its own
+    (planted: one entry per record, "(seed 0: ...); (seed 1: ...)", as the README read before)."""
+    offline = "evaluate.py --init imagenet: ImageNet weights for resnet18 not found at /x; download it"
+    bad = lambda m, d, s, why: {"model": m, "data": d, "seed": s, "status": "failed", "reason": why}
+    records = two_dataset_records() + [bad("imagenet", "pneumonia-28", s, offline) for s in (0, 1, 2)] + [
+        bad("vicreg", "pneumonia-28", 1, "vicreg: loss is nan at epoch 1 step 9; stopped"),
+        bad("imagenet", "breast-28", 0, offline)]
+    lines = report.readme_summary(records, ["pneumonia-28", "breast-28"], argparse.Namespace(preset="cpu", argv=[], out="results"))
+    failed = [line.split(". Why, in full")[0] for line in lines if line.startswith("Failed on")]
+    assert failed == ["Failed on pneumonia-28, no results: ImageNet transfer (seeds 0, 1, 2: ImageNet weights for "
+                      "resnet18 not found); VICReg (seed 1: vicreg: loss is nan at epoch 1 step 9)",
+                      "Failed on breast-28, no results: ImageNet transfer (seed 0: ImageNet weights for resnet18 not "
+                      "found)"], failed
+
+
 def test_ablation_table_reports_val_scores_and_the_best_variant(tmp_path):
     variants = dict(list(reproduce.ABLATION.items())[:3])
     names = list(variants)

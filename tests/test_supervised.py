@@ -40,10 +40,12 @@ def test_supervised_learns_the_visible_class_and_exports_its_backbone(data_dir, 
     assert [r["epoch"] for r in rows if "val/auc" in r] == [0, 1, 2, 3]  # the val split scored after every epoch
 
 
-def test_the_best_val_epoch_is_reported_ties_keep_the_earlier(data_dir, tmp_path, monkeypatch):
+def test_the_best_val_epoch_is_reported_ties_keep_the_earlier(tmp_path, monkeypatch):
     """Scripted val scores for epochs 0..4: the best is epoch 2 (AUC 0.9, balanced accuracy 0.8; epoch 4 ties it
     and is later; epoch 3 has the same AUC, a worse balanced accuracy). Each epoch's test probabilities say which
     epoch they came from, so the reported metrics must be epoch 2's (planted: the last epoch -> epoch 4's)."""
+    data_dir = tmp_path  # 32 train images: one step per epoch, the scores are scripted
+    np.savez(data_dir / "pneumoniamnist.npz", **make_arrays(n=(32, 24, 48), seed=3))
     y_test = supervised.dataset.load("pneumonia", 28, str(data_dir), 0)["test"][1]
     vals = [(0.5, 0.5), (0.8, 0.9), (0.9, 0.8), (0.9, 0.7), (0.9, 0.8)]
     probs = []
