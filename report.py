@@ -269,12 +269,12 @@ def readme_summary(records, datasets, cli):
             lines += [f"| {d} | " + " | ".join(header(ok, d, p, n) for p, n in protos) +
                       " | minus untrained, linear 100% |",
                       "|---|" + "---:|" * (len(protos) + 1)] + rows + [""]
-        failed = {}  # (model, reason) -> seeds: one entry for the same failure on every seed
+        by_reason = {}  # (model, reason) -> seeds: one entry for the same failure on every seed
         for r in records:
             if r["data"] == d and r["status"] == "failed":
-                failed.setdefault((r["model"], short_reason(r["reason"])), []).append(str(r["seed"]))
+                by_reason.setdefault((r["model"], short_reason(r["reason"])), []).append(str(r["seed"]))
         failed = [f"{NAMES[m]} (seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}: {why})"
-                  for (m, why), seeds in failed.items()]
+                  for (m, why), seeds in by_reason.items()]
         if failed:
             lines += [f"Failed on {d}, no results: " + "; ".join(failed) + f". Why, in full: [{os.path.basename(cli.out)}"
                       f"/RESULTS.md]({os.path.basename(cli.out)}/RESULTS.md).", ""]
