@@ -226,8 +226,9 @@ def targets(records, d, goal):
     zs = [(min(z) / z[0], r) for r in ok if r["model"] in METHODS for z in [z_curve(r)] if z and z[0] > 0]
     low = min(zs, key=lambda t: t[0]) if zs else None
     failed = [f"{NAMES[r['model']]} s{r['seed']} failed" for r in ssl if r["status"] == "failed"]
+    # the ratio rounded down: one under the ½ line never reads as 0.500 beside "missed"
     lowest = ([f"{len(zs)} run{'s' * (len(zs) != 1)} checked, lowest min / epoch 1: {NAMES[low[1]['model']]} "
-               f"s{low[1]['seed']} {low[0]:.2f}"] if low else [])
+               f"s{low[1]['seed']} {math.floor(low[0] * 1000) / 1000:.3f}"] if low else [])
     rows.append(("no SSL run collapses or diverges: min z_std ≥ ½ × epoch 1's, no failed run",
                  "; ".join(lowest + failed) or "–", status(ssl, not failed and (low is None or low[0] >= 0.5))))
     return ["", "Targets (the preset's; test split; a target is open until every run it needs has finished):", "",
