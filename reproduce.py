@@ -66,10 +66,11 @@ PRESETS = {
                 imagenet_size=224, jobs=1, parts=PARTS_CPU, minutes=MINUTES_CPU, targets=TARGETS_CPU,
                 # settings that fit these short schedules, each chosen on val by the named pilot (why: the
                 # deviations table and results/reading-recipes.md): byol-pv-j4-ema95, barlow-d128-j4-lr01,
-                # barlow-d128-j4-lr01-breast, vicreg-d128-j4-pv-lr03; the rest keep the files' defaults
+                # barlow-d128-j4-lr01-breast, vicreg-d128-j4-pv-lr03, vicreg-d128-j4-pv-lr03-breast; the rest keep
+                # the files' defaults
                 method_flags={"byol": {"pneumonia": ["--ema-decay", "0.95"]},
                               "barlow": {"pneumonia": ["--lr", "0.01"], "breast": ["--lr", "0.01"]},
-                              "vicreg": {"pneumonia": ["--lr", "0.03"]}},
+                              "vicreg": {"pneumonia": ["--lr", "0.03"], "breast": ["--lr", "0.03"]}},
                 note="CPU preset: the study answered on a 2-core CPU. ResNet-18 at 28 px on the full train splits: "
                 "PneumoniaMNIST 10 epochs at batch 256 (18 steps each = 180 steps), BreastMNIST 100 epochs at batch "
                 "64 (8 steps each = 800 steps); the recipes of issue 30's search (results/RECIPES.md, chosen on val); "
