@@ -141,10 +141,10 @@ PILOTS = {
                                                     "--batch-size", "128"]),
     "barlow-d128-j4-lr01-b128": ("barlow", "pneumonia", ["--proj-dim", "128", "--jitter", "0.4", "--lr", "0.02",
                                                          "--batch-size", "128"]),
-    # byol-pv-j4-ema95 again, unchanged, on the other VM type (Intel, AVX-512; it ran on an AMD, AVX2 only): how far
-    # floating-point order alone moves a pilot's val scores, which every comparison across VM types carries
-    "byol-pv-j4-ema95-xvm": ("byol", "pneumonia", ["--bn", "per-view", "--jitter", "0.4", "--ema-decay", "0.95"]),
 }
+# byol-pv-j4-ema95 again, unchanged (the same entry, so the same command), on the other VM type (Intel, AVX-512; it
+# ran on an AMD, AVX2 only): how far floating-point order alone moves a pilot's val scores
+PILOTS["byol-pv-j4-ema95-xvm"] = PILOTS["byol-pv-j4-ema95"]
 SCORES = [("linear", "linear"), ("linear_10pct", "linear 10%"), ("knn", "kNN")]  # results.json key -> column
 # the first cpu study's records (its recipes, before this search adopted any), relative to the output folder: the
 # pilots' yardstick in the table
